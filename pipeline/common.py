@@ -1,0 +1,44 @@
+"""Shared CLI plumbing: config loading and turning known errors into clean exits."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from schemas.config import ConfigError, RunConfig, load_config
+
+console = Console(stderr=True)
+out = Console()
+
+# Errors whose message is the whole story for a user: print it, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def register_user_error(exc: type[BaseException]) -> None:
+    global USER_ERRORS
+    if exc not in USER_ERRORS:
+        USER_ERRORS = (*USER_ERRORS, exc)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Decorator for commands: known errors -> 'error: ...' on stderr, exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:  # type: ignore[misc]
+            console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def get_config(path: str, overrides: list[str] | None) -> RunConfig:
+    return load_config(path, overrides or [])
+
+
+OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. train.lr=3e-4")

@@ -1,0 +1,347 @@
+"""The feature cache: layout, shard writing primitives and the reader (DESIGN.md section 4).
+
+Stage 1 writes caches with `write_shard`; stages 2 and 3 read them with
+`CacheReader`. Both live here because the layout is the contract between stages:
+no stage imports another to read or write a cache.
+
+bf16 hidden states are stored as their raw uint16 bits (zarr has no bfloat16);
+the logical dtype is recorded in each array's attributes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+SCHEMA_ID = "eagle3-cache/1"
+SHARD_SCHEMA_ID = "eagle3-shard/1"
+CACHE_JSON = "cache.json"
+SHARD_JSON = "shard.json"
+MANIFEST = "manifest.parquet"
+TARGET_DIR = "target"
+EMBED_FILE = "embed_tokens.safetensors"
+
+# name -> (stored numpy dtype, logical dtype, trailing shape key)
+ARRAYS: dict[str, tuple[str, str]] = {
+    "input_ids": ("int32", "int32"),
+    "loss_mask": ("uint8", "uint8"),
+    "hidden": ("uint16", "bfloat16"),
+    "topk_ids": ("int32", "int32"),
+    "topk_logprobs": ("float16", "float16"),
+    "offsets": ("int64", "int64"),
+    "sample_index": ("int64", "int64"),
+    "token_counts": ("int64", "int64"),
+}
+ROW_ARRAYS = ("input_ids", "loss_mask", "hidden", "topk_ids", "topk_logprobs")
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete, corrupt or not what the caller expects."""
+
+
+def shard_name(k: int) -> str:
+    return f"{k:05d}.zarr"
+
+
+def shards_dir(root: str | Path) -> Path:
+    return Path(root) / "shards"
+
+
+def is_committed(shard_path: Path) -> bool:
+    """A shard counts only once renamed into place with its shard.json (written last)."""
+    return shard_path.is_dir() and not shard_path.name.startswith(".") and (shard_path / SHARD_JSON).is_file()
+
+
+def committed_shards(root: str | Path) -> list[int]:
+    d = shards_dir(root)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        if p.suffix == ".zarr" and p.stem.isdigit() and is_committed(p):
+            out.append(int(p.stem))
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def bf16_to_bits(t) -> np.ndarray:
+    """torch bfloat16 tensor -> numpy uint16 holding the same bits (lossless)."""
+    import torch
+
+    return t.contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def bits_to_bf16(a: np.ndarray):
+    """numpy uint16 bits -> torch bfloat16 tensor (shares no memory with `a`)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+
+
+def array_checksum(a: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def make_compressor(name: str):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return None
+    if name == "zstd":
+        return ZstdCodec(level=1)
+    if name == "blosc-zstd":
+        return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    if name == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise ValueError(f"unknown compressor '{name}' (none, zstd, blosc-zstd, lz4)")
+
+
+def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *,
+                compressor: str = "zstd", chunk_rows: int = 2048, extra: Optional[dict] = None) -> dict:
+    """Write shard k atomically: temp dir -> arrays -> shard.json (last) -> rename.
+
+    `arrays` holds every name of ARRAYS with the stored dtype (hidden as uint16 bits).
+    Returns the shard.json content. A shard already committed is an error: callers skip.
+    """
+    import zarr
+
+    final = shards_dir(cache_root) / shard_name(k)
+    if is_committed(final):
+        raise CacheError(f"shard {final} is already committed")
+    tmp = shards_dir(cache_root) / f".tmp-{k:05d}-{os.getpid()}.zarr"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    missing = set(ARRAYS) - set(arrays)
+    if missing:
+        raise CacheError(f"write_shard: arrays missing: {sorted(missing)}")
+    comp = make_compressor(compressor)
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    checksums = {}
+    for name, (stored, logical) in ARRAYS.items():
+        a = np.ascontiguousarray(arrays[name])
+        if a.dtype != np.dtype(stored):
+            raise CacheError(f"write_shard: '{name}' has dtype {a.dtype}, the layout stores {stored}")
+        rows = max(1, min(chunk_rows, a.shape[0])) if name in ROW_ARRAYS else max(1, a.shape[0])
+        chunks = (rows, *a.shape[1:])
+        n_chunks = max(1, -(-a.shape[0] // rows))
+        shards = (n_chunks * rows, *a.shape[1:])  # one file per array: the sharding codec
+        arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
+                                 compressors=comp, attributes={"logical_dtype": logical},
+                                 fill_value=0)
+        if a.size:
+            arr[...] = a
+        checksums[name] = array_checksum(a)
+    offsets = arrays["offsets"]
+    info = {
+        "schema": SHARD_SCHEMA_ID,
+        "shard": k,
+        "samples": int(len(offsets) - 1),
+        "tokens": int(offsets[-1]) if len(offsets) else 0,
+        "loss_tokens": int(arrays["loss_mask"].sum()),
+        "raw_bytes": int(sum(np.asarray(arrays[n]).nbytes for n in ARRAYS)),
+        "compressor": compressor,
+        "chunk_rows": chunk_rows,
+        "checksums": checksums,
+        **(extra or {}),
+    }
+    (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
+    os.replace(tmp, final) if not final.exists() else _replace_dir(tmp, final)
+    return info
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    # A leftover uncommitted directory (no shard.json) from a killed run: replace it.
+    shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build_manifest(cache_root: str | Path) -> Path:
+    """manifest.parquet: one row per committed shard, rebuilt from the shard.json files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(cache_root)
+    rows = []
+    for k in committed_shards(root):
+        p = shards_dir(root) / shard_name(k)
+        info = json.loads((p / SHARD_JSON).read_text())
+        rows.append({"shard": k, "path": f"shards/{shard_name(k)}", "samples": info["samples"],
+                     "tokens": info["tokens"], "loss_tokens": info["loss_tokens"],
+                     "raw_bytes": info["raw_bytes"], "disk_bytes": dir_bytes(p)})
+    schema = pa.schema([("shard", pa.int64()), ("path", pa.string()), ("samples", pa.int64()),
+                        ("tokens", pa.int64()), ("loss_tokens", pa.int64()), ("raw_bytes", pa.int64()),
+                        ("disk_bytes", pa.int64())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    out = root / MANIFEST
+    tmp = root / (MANIFEST + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SampleRef:
+    shard: int
+    local: int
+    start: int
+    length: int
+    sample_index: int
+
+
+class ShardReader:
+    """One committed shard; arrays are opened lazily (and re-opened after pickling)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.info = json.loads((path / SHARD_JSON).read_text())
+        self._arrays: dict[str, Any] = {}
+        self._small: dict[str, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {"path": self.path, "info": self.info, "_arrays": {}, "_small": self._small}
+
+    def array(self, name: str):
+        if name not in self._arrays:
+            import zarr
+
+            try:
+                self._arrays[name] = zarr.open_array(str(self.path / name), mode="r")
+            except Exception as e:  # noqa: BLE001 - zarr raises several types here
+                raise CacheError(f"{self.path}: cannot open array '{name}': {e}") from None
+        return self._arrays[name]
+
+    def small(self, name: str) -> np.ndarray:
+        """offsets / sample_index / token_counts, read once."""
+        if name not in self._small:
+            self._small[name] = np.asarray(self.array(name)[...])
+        return self._small[name]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.small("offsets")
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.info["samples"])
+
+    def rows(self, start: int, stop: int, fields: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:
+        return {f: np.asarray(self.array(f)[start:stop]) for f in fields}
+
+    def sample(self, local: int, fields: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:
+        o = self.offsets
+        return self.rows(int(o[local]), int(o[local + 1]), fields)
+
+
+class CacheReader:
+    """Read-only view of a cache; checks cache.json before anything else.
+
+    `expect` holds values the caller relies on (e.g. {"hidden_size": 576,
+    "layers": [2, 15, 27]}); any difference is a CacheError naming the field.
+    """
+
+    def __init__(self, root: str | Path, expect: Optional[dict] = None):
+        self.root = Path(root)
+        cj = self.root / CACHE_JSON
+        if not self.root.is_dir():
+            raise CacheError(f"cache not found: {self.root} (run `eagle3 extract` first)")
+        if not cj.is_file():
+            raise CacheError(f"{self.root} is not an eagle3 cache: {CACHE_JSON} is missing")
+        self.meta: dict = json.loads(cj.read_text())
+        if self.meta.get("schema") != SCHEMA_ID:
+            raise CacheError(f"{cj}: schema '{self.meta.get('schema')}' is not '{SCHEMA_ID}'")
+        for key, want in (expect or {}).items():
+            have = self.field(key)
+            if have != want:
+                raise CacheError(f"{cj}: {key} is {have!r} but {want!r} was expected")
+        self.shard_ids = committed_shards(self.root)
+        if not self.shard_ids:
+            raise CacheError(f"cache {self.root} has no committed shards")
+        self.shards = {k: ShardReader(shards_dir(self.root) / shard_name(k)) for k in self.shard_ids}
+        self.refs: list[SampleRef] = []
+        for k in self.shard_ids:
+            sh = self.shards[k]
+            o, si = sh.offsets, sh.small("sample_index")
+            for j in range(sh.num_samples):
+                self.refs.append(SampleRef(k, j, int(o[j]), int(o[j + 1] - o[j]), int(si[j])))
+
+    def field(self, key: str) -> Any:
+        """cache.json fields; target fields are reachable by their bare name too."""
+        if key in self.meta:
+            return self.meta[key]
+        return self.meta.get("target", {}).get(key)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["target"]["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["target"]["vocab_size"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def topk(self) -> int:
+        return int(self.meta["topk"])
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([r.length for r in self.refs], dtype=np.int64)
+
+    def sample(self, i: int, fields: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:
+        r = self.refs[i]
+        return self.shards[r.shard].sample(r.local, fields)
+
+    def token_counts(self) -> np.ndarray:
+        total = np.zeros(self.vocab_size, dtype=np.int64)
+        for sh in self.shards.values():
+            total += sh.small("token_counts")
+        return total
+
+    def target_dir(self) -> Path:
+        return self.root / TARGET_DIR
+
+    def target_config(self) -> dict:
+        return json.loads((self.target_dir() / "config.json").read_text())
+
+    def load_embedding(self):
+        """The target's frozen input embedding [V, H] (torch)."""
+        from safetensors.torch import load_file
+
+        p = self.target_dir() / EMBED_FILE
+        if not p.is_file():
+            raise CacheError(f"{p} is missing: the cache cannot train a head without it")
+        return load_file(str(p))["weight"]

@@ -1,0 +1,292 @@
+"""The run configuration: one YAML file, validated before any work starts.
+
+Sections follow DESIGN.md section 6. Every model forbids unknown keys; `load_config`
+turns pydantic's errors into messages that name the dotted path and the nearest
+valid key. `key=value` overrides use dotted paths; values are parsed as YAML so
+`train.lr=3e-4`, `extract.layers=[2,8,13]` and `data.train=[a.jsonl]` all work.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TargetConfig(_Section):
+    path: str = Field(..., description="HF model directory or a .gguf file")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name when `path` is a directory holding it")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto = cuda when available, else cpu")
+    device_map: Optional[str] = Field(None, description="'auto' spreads a large target over GPUs")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    convert_dir: Optional[str] = Field(
+        None, description="where a .gguf target is converted to an HF dir (default: ~/.cache/eagle3/gguf)")
+
+
+class RegenerateConfig(_Section):
+    enabled: bool = False
+    output: Optional[str] = Field(None, description="regenerated ShareGPT JSONL (default: <run>/regenerated.jsonl)")
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(default_factory=list)
+    eval: list[str] = Field(default_factory=list)
+    max_length: int = Field(2048, gt=0)
+    truncation: Literal["drop_tail", "skip"] = Field(
+        "drop_tail", description="drop_tail keeps the first max_length tokens; skip drops the sample")
+    on_error: Literal["raise", "skip"] = "raise"
+    max_samples: Optional[int] = Field(None, gt=0)
+    num_proc: int = Field(1, ge=1)
+    regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig)
+
+
+class ExtractConfig(_Section):
+    cache: str = "runs/default/cache"
+    eval_cache: Optional[str] = Field(None, description="cache for data.eval (default: <cache>-eval)")
+    layers: Union[Literal["auto"], list[int]] = "auto"
+    topk: int = Field(64, gt=0)
+    samples_per_shard: int = Field(1024, gt=0)
+    max_tokens_per_batch: int = Field(16384, gt=0)
+    logits_chunk_tokens: int = Field(2048, gt=0, description="positions per chunk of the full-vocab softmax")
+    compressor: Literal["none", "zstd", "blosc-zstd", "lz4"] = "zstd"
+    chunk_rows: int = Field(2048, gt=0)
+    writer_queue: int = Field(4, gt=0, description="batches queued for the writer thread before compute waits")
+
+
+class TrainConfig(_Section):
+    output: str = "runs/default/head"
+    cache: Optional[str] = Field(None, description="default: extract.cache")
+    eval_cache: Optional[str] = None
+    draft_vocab_size: int = Field(32000, gt=0)
+    ttt_length: int = Field(7, gt=0)
+    loss_decay: float = Field(0.8, gt=0.0)
+    deepspeed: str = "configs/deepspeed/cpu_fp32.json"
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.02, ge=0.0, le=1.0)
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    max_tokens_per_batch: int = Field(4096, gt=0)
+    max_length: Optional[int] = Field(None, gt=0, description="crop samples to this many rows (default: data.max_length)")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    grad_clip: float = Field(0.5, gt=0.0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    save_every: int = Field(200, gt=0)
+    eval_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    report_to: Literal["none", "wandb"] = "none"
+    wandb_project: str = "eagle3"
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="draft config fields to override (rope_theta, max_position_embeddings, ...)")
+
+
+class EvalConfig(_Section):
+    head: Union[str, list[str], None] = Field(None, description="head dir(s); default: train.output")
+    prompts: list[str] = Field(default_factory=list)
+    method: Union[Literal["chain", "tree"], list[Literal["chain", "tree"]]] = "chain"
+    max_new_tokens: int = Field(256, gt=0)
+    max_prompts: Optional[int] = Field(None, gt=0)
+    draft_tokens: int = Field(5, gt=0, description="chain: tokens drafted per cycle")
+    top_k: int = Field(4, gt=0, description="tree: children expanded per frontier node")
+    depth: int = Field(5, gt=0, description="tree: drafting steps")
+    total_tokens: int = Field(24, gt=0, description="tree: nodes verified per cycle")
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repeats: int = Field(1, gt=0)
+    warmup: int = Field(1, ge=0)
+    offline: bool = True
+    output: Optional[str] = Field(None, description="default: <head>/eval")
+    seed: int = 0
+
+
+class SlurmConfig(_Section):
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"
+    gpus_per_task: int = Field(1, ge=0)
+    cpus_per_task: int = Field(8, gt=0)
+    mem: Optional[str] = "64G"
+    extra_sbatch: list[str] = Field(default_factory=list, description="extra '#SBATCH' lines, without the prefix")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module loads, venv)")
+
+
+class JobsExtract(_Section):
+    tasks: int = Field(1, gt=0, description="stage-1 array size (one task per GPU)")
+
+
+class JobsTrain(_Section):
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(1, ge=0)
+
+
+class JobsConfig(_Section):
+    executor: Literal["local", "slurm"] = "local"
+    log_dir: Optional[str] = Field(None, description="default: <run dir>/jobs")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    extract: JobsExtract = Field(default_factory=JobsExtract)
+    train: JobsTrain = Field(default_factory=JobsTrain)
+
+
+class SweepConfig(_Section):
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted train.* key -> values")
+    eval: bool = False
+    output: Optional[str] = Field(None, description="default: <train.output>-sweep")
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    target: TargetConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_part(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("name must be a non-empty string without '/'")
+        return v
+
+    # Convenience accessors with the documented defaults resolved.
+    @property
+    def train_cache(self) -> str:
+        return self.train.cache or self.extract.cache
+
+    @property
+    def eval_cache(self) -> str:
+        return self.extract.eval_cache or (self.extract.cache.rstrip("/") + "-eval")
+
+    @property
+    def heads(self) -> list[str]:
+        h = self.eval.head or self.train.output
+        return [h] if isinstance(h, str) else list(h)
+
+    @property
+    def eval_methods(self) -> list[str]:
+        m = self.eval.method
+        return [m] if isinstance(m, str) else list(m)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (a pydantic error location without the bad key)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return []
+        ann = cur.model_fields[part].annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(RunConfig, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else ""
+            valid = f" (valid keys here: {', '.join(known)})" if known else ""
+            lines.append(f"unknown key '{dotted}'{hint}{valid}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{dotted}'")
+        else:
+            lines.append(f"'{dotted}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{item}': bad dotted key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # plain strings with YAML-special characters stay strings
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        cur = raw
+        for part in path[:-1]:
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            cur = nxt
+        cur[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), *,
+                raw: dict | None = None) -> RunConfig:
+    """Read a YAML config (or a dict), apply dotted overrides, validate strictly."""
+    source = str(path) if path is not None else "<dict>"
+    if raw is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {p}: the top level must be a mapping of sections")
+    raw = apply_overrides(dict(raw), list(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_layers(layers: Union[str, list[int]], num_hidden_layers: int) -> list[int]:
+    """Indices into HF's output_hidden_states (0 = embeddings); auto = [2, L//2, L-3]."""
+    L = num_hidden_layers
+    ids = [2, L // 2, L - 3] if layers == "auto" else list(layers)
+    if len(ids) != 3:
+        raise ConfigError(f"extract.layers must name 3 layers (low, mid, high), got {ids}")
+    bad = [i for i in ids if not 0 <= i <= L]
+    if bad:
+        raise ConfigError(f"extract.layers {ids}: ids {bad} outside 0..{L} (the target has {L} layers)")
+    return ids

@@ -1,0 +1,108 @@
+"""The draft head on disk (DESIGN.md section 5): config.json + model.safetensors.
+
+The layout is the one SGLang and vLLM load for EAGLE-3 heads. `embed_tokens` is
+never saved: the head borrows the target's embedding at serve time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+HEAD_CONFIG = "config.json"
+HEAD_WEIGHTS = "model.safetensors"
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+WEIGHT_KEYS = (
+    "fc.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.input_layernorm.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "d2t",
+    "t2d",
+)
+
+# Fields copied from the target's config into the head's (all overridable).
+TARGET_FIELDS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+    "hidden_act", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
+    "mlp_bias", "tie_word_embeddings",
+)
+
+
+class HeadError(RuntimeError):
+    pass
+
+
+def make_head_config(target_config: dict, *, draft_vocab_size: int, layer_ids: list[int],
+                     overrides: Optional[dict] = None, training: Optional[dict] = None) -> dict:
+    """A Llama config describing the one-layer EAGLE-3 head for this target."""
+    cfg: dict[str, Any] = {k: target_config[k] for k in TARGET_FIELDS if target_config.get(k) is not None}
+    # Families whose rope fields live under another name (older configs): keep theta.
+    if "rope_parameters" in cfg and "rope_theta" not in cfg:
+        theta = (cfg["rope_parameters"] or {}).get("rope_theta")
+        if theta is not None:
+            cfg["rope_theta"] = theta
+    cfg.setdefault("head_dim", target_config["hidden_size"] // target_config["num_attention_heads"])
+    cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    cfg.setdefault("hidden_act", "silu")
+    cfg.setdefault("rms_norm_eps", 1e-6)
+    cfg["tie_word_embeddings"] = False
+    cfg.update({
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "draft_vocab_size": int(draft_vocab_size),
+        "target_hidden_size": int(target_config["hidden_size"]),
+        "target_model_type": target_config.get("model_type"),
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids),
+                         "layer_id_convention": "hf_hidden_states_index"},
+    })
+    cfg.update(overrides or {})
+    if training is not None:
+        cfg["training"] = training
+    return cfg
+
+
+def save_head(out_dir: str | Path, tensors: dict, config: dict) -> Path:
+    """Write config.json + model.safetensors; checks the key set first."""
+    from safetensors.torch import save_file
+
+    keys = set(tensors)
+    missing, extra = set(WEIGHT_KEYS) - keys, keys - set(WEIGHT_KEYS)
+    if missing or extra:
+        raise HeadError(f"head tensors do not match the layout: missing {sorted(missing)}, extra {sorted(extra)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (HEAD_WEIGHTS + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(out / HEAD_WEIGHTS)
+    (out / HEAD_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False))
+    return out
+
+
+def load_head(head_dir: str | Path) -> tuple[dict, dict]:
+    """(config, tensors) of a head directory, checked against the layout."""
+    from safetensors.torch import load_file
+
+    d = Path(head_dir)
+    if not (d / HEAD_CONFIG).is_file() or not (d / HEAD_WEIGHTS).is_file():
+        raise HeadError(f"{d} is not a head directory (needs {HEAD_CONFIG} and {HEAD_WEIGHTS})")
+    config = json.loads((d / HEAD_CONFIG).read_text())
+    tensors = load_file(str(d / HEAD_WEIGHTS))
+    missing = set(WEIGHT_KEYS) - set(tensors)
+    if missing:
+        raise HeadError(f"{d / HEAD_WEIGHTS}: missing tensors {sorted(missing)}")
+    if ARCHITECTURE not in config.get("architectures", []):
+        raise HeadError(f"{d / HEAD_CONFIG}: architectures must include {ARCHITECTURE}")
+    return config, tensors

@@ -1,0 +1,215 @@
+"""The EAGLE-3 draft head (DESIGN.md section 5).
+
+One decoder layer whose attention reads cat(input_layernorm(embedding),
+hidden_norm(hidden)) (2h wide), a SwiGLU MLP, a final norm and an lm_head over the
+draft vocab. Two ways to run the layer:
+
+* `step`: inference with a KV cache and an optional explicit boolean mask (chain
+  and tree drafting in stage 3);
+* `ttt_step`: the training-time-test unroll. Step k's query at position t attends
+  causally to the step-0 keys (positions <= t) and to its own position's keys of
+  steps 1..k. The diagonal part is computed as per-position dot products, so the
+  unroll costs O(T^2 + k T) rather than O((kT)^2).
+
+Norms, MLP and RoPE come from transformers' Llama modules, built from the head's
+config (itself derived from the target's config: rope theta/scaling, head dims).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+
+def _llama_config(cfg: dict) -> LlamaConfig:
+    keep = {k: v for k, v in cfg.items() if k not in ("architectures", "eagle_config", "training")}
+    lc = LlamaConfig(**keep)
+    return lc
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, heads, T, d]; cos/sin [B, T, d]
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class Eagle3Attention(nn.Module):
+    def __init__(self, lc: LlamaConfig):
+        super().__init__()
+        h = lc.hidden_size
+        self.num_heads = lc.num_attention_heads
+        self.num_kv = lc.num_key_value_heads
+        self.head_dim = getattr(lc, "head_dim", None) or h // self.num_heads
+        bias = bool(getattr(lc, "attention_bias", False))
+        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        rep = self.num_heads // self.num_kv
+        return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, lc: LlamaConfig):
+        super().__init__()
+        h = lc.hidden_size
+        self.self_attn = Eagle3Attention(lc)
+        self.mlp = LlamaMLP(lc)
+        self.hidden_norm = LlamaRMSNorm(h, eps=lc.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(h, eps=lc.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(h, eps=lc.rms_norm_eps)
+
+    def attn_input(self, hidden: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)
+
+    def finish(self, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        h = residual + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    """The head. `config` is the head's config.json dict (schemas.head.make_head_config)."""
+
+    def __init__(self, config: dict, embed_weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.config = dict(config)
+        lc = _llama_config(config)
+        h = lc.hidden_size
+        th = int(config.get("target_hidden_size", h))
+        n = int(config["draft_vocab_size"])
+        V = int(config["vocab_size"])
+        self.fc = nn.Linear(3 * th, h, bias=False)
+        self.midlayer = Eagle3Layer(lc)
+        self.norm = LlamaRMSNorm(h, eps=lc.rms_norm_eps)
+        self.lm_head = nn.Linear(h, n, bias=False)
+        self.rotary = LlamaRotaryEmbedding(lc)
+        self.register_buffer("d2t", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool))
+        # Frozen target embedding: used, never trained, never exported.
+        self.embed_tokens = nn.Embedding(V, h)
+        self.embed_tokens.weight.requires_grad_(False)
+        if embed_weight is not None:
+            self.set_embedding(embed_weight)
+
+    # -- parameters ------------------------------------------------------------------
+    def set_embedding(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weight.to(self.embed_tokens.weight.dtype))
+
+    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        self.d2t.copy_(d2t.to(torch.int64))
+        self.t2d.copy_(t2d.to(torch.bool))
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors in the serving layout (schemas.head.WEIGHT_KEYS): no embed, no rotary."""
+        sd = self.state_dict()
+        return {k: v for k, v in sd.items() if not k.startswith(("embed_tokens.", "rotary."))}
+
+    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    # -- pieces ------------------------------------------------------------------------
+    def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        """[.., 3*H_target] low/mid/high target states -> [.., h]."""
+        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids).to(self.fc.weight.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits from the layer's (pre-norm) output hidden."""
+        return self.lm_head(self.norm(hidden))
+
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor):
+        cos, sin = self.rotary(x, position_ids)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+    # -- inference ---------------------------------------------------------------------
+    def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             attn_mask: Optional[torch.Tensor] = None):
+        """One layer pass with a KV cache.
+
+        hidden [B,T,h] (fused target features or the draft's own previous output),
+        input_ids [B,T], position_ids [B,T], past (k, v) each [B,kv,S0,d].
+        attn_mask: bool [B or 1, 1, T, S0+T], True = attend; default causal over the
+        new tokens and full over the past. Returns (out_hidden [B,T,h], (k, v)).
+        """
+        layer = self.midlayer
+        x = layer.attn_input(hidden, self.embed(input_ids))
+        cos, sin = self._rope(x, position_ids)
+        q, k, v = layer.self_attn.qkv(x, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        T, S = q.shape[2], k.shape[2]
+        if attn_mask is None:
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        a = layer.self_attn
+        o = F.scaled_dot_product_attention(q, a._expand(k), a._expand(v), attn_mask=attn_mask)
+        return layer.finish(hidden, a.out(o)), (k, v)
+
+    # -- training ----------------------------------------------------------------------
+    def ttt_step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 cache: list[tuple[torch.Tensor, torch.Tensor]],
+                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One step of the training-time-test unroll; appends this step's (k, v) to `cache`.
+
+        Step 0 (empty cache) is causal attention over its own keys. Step k >= 1 adds,
+        for each position t, the keys of position t from steps 1..k.
+        key_padding: bool [B, T], True where a row is real (batches of several samples).
+        """
+        layer, a = self.midlayer, self.midlayer.self_attn
+        x = layer.attn_input(hidden, self.embed(input_ids))
+        cos, sin = self._rope(x, position_ids)
+        q, k, v = a.qkv(x, cos, sin)
+        cache.append((k, v))
+        k0, v0 = a._expand(cache[0][0]), a._expand(cache[0][1])
+        T = q.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        s0 = torch.matmul(q, k0.transpose(-1, -2)) * scale  # [B, nh, T, T]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if key_padding is not None:
+            allowed = allowed[None, None] & key_padding[:, None, None, :]
+        s0 = s0.masked_fill(~allowed, torch.finfo(s0.dtype).min)
+        diag_k = [a._expand(kj) for kj, _ in cache[1:]]
+        diag_v = [a._expand(vj) for _, vj in cache[1:]]
+        if diag_k:
+            sd = torch.stack([(q * kj).sum(-1) for kj in diag_k], dim=-1) * scale  # [B, nh, T, k]
+            probs = torch.softmax(torch.cat((s0, sd), dim=-1).float(), dim=-1).to(q.dtype)
+            p0, pd = probs[..., :T], probs[..., T:]
+            o = torch.matmul(p0, v0) + sum(pd[..., j:j + 1] * vj for j, vj in enumerate(diag_v))
+        else:
+            probs = torch.softmax(s0.float(), dim=-1).to(q.dtype)
+            o = torch.matmul(probs, v0)
+        return layer.finish(hidden, a.out(o))
+
+    def ttt_reference_mask(self, T: int, k: int) -> torch.Tensor:
+        """The explicit [T, (k+1)T] mask that `ttt_step` implements at step k (for tests)."""
+        m = torch.zeros(T, (k + 1) * T, dtype=torch.bool)
+        m[:, :T] = torch.ones(T, T, dtype=torch.bool).tril()
+        for j in range(1, k + 1):
+            m[:, j * T:(j + 1) * T] = torch.eye(T, dtype=torch.bool)
+        return m
