@@ -7,6 +7,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.config import ConfigError, RunConfig, load_config
 
@@ -31,7 +32,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:  # type: ignore[misc]
-            console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            # escape: messages hold brackets (data.train=[x.jsonl], conversations[1]) that rich would eat as markup
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
