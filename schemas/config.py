@@ -106,6 +106,7 @@ class EvalConfig(_Section):
     method: Union[Literal["chain", "tree"], list[Literal["chain", "tree"]]] = "chain"
     max_new_tokens: int = Field(256, gt=0)
     max_prompts: Optional[int] = Field(None, gt=0)
+    max_turns: Optional[int] = Field(None, gt=0, description="MT-bench: ask only the first N turns of each question")
     draft_tokens: int = Field(5, gt=0, description="chain: tokens drafted per cycle")
     top_k: int = Field(4, gt=0, description="tree: children expanded per frontier node")
     depth: int = Field(5, gt=0, description="tree: drafting steps")

@@ -1,0 +1,51 @@
+"""The offline table: teacher-forced per-position accuracy and loss on held-out cached data.
+
+Computed by stage 2's `offline_metrics` (stage 3 may import stage 2) on the eval
+cache (`extract.eval_cache`, every sample) when it exists, else on the held-out
+split of the training cache. Markdown in the seed's format: "| position | acc | loss |"
+with mean ± std.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+KEYS = ("acc", "acc_std", "loss", "loss_std", "simulated_tau", "acc_sample_std", "loss_sample_std",
+        "num_samples", "num_tokens")
+
+
+def pick_cache(cfg) -> Optional[tuple[str, str]]:
+    """(cache dir, split) to evaluate on, or None when no cache exists."""
+    if (Path(cfg.eval_cache) / "cache.json").is_file():
+        return cfg.eval_cache, "all"
+    if (Path(cfg.train_cache) / "cache.json").is_file():
+        return cfg.train_cache, "val"
+    return None
+
+
+def offline_table(head_dir: str, cfg, *, progress: bool = False) -> dict:
+    """{acc, acc_std, loss, loss_std, simulated_tau, cache, split, ...} or {"skipped": reason}."""
+    try:
+        from stage2_train.evaluate import offline_metrics
+    except ImportError as e:  # stage 2 not installed/complete: the rest of the eval still runs
+        return {"skipped": f"stage2_train.evaluate.offline_metrics is unavailable ({e})"}
+    where = pick_cache(cfg)
+    if where is None:
+        return {"skipped": f"no feature cache at {cfg.eval_cache} or {cfg.train_cache}"}
+    cache, split = where
+    m = offline_metrics(head_dir, cache, split=split, cfg=cfg, progress=progress)
+    out = {k: m[k] for k in KEYS if k in m}
+    out.update(cache=str(cache), split=split)
+    return out
+
+
+def offline_markdown(off: dict, title: str = "") -> str:
+    if not off or "skipped" in off:
+        return f"offline table skipped: {off.get('skipped') if off else 'not computed'}\n"
+    lines = [f"Offline (teacher-forced) {title} on {off['cache']} (split {off['split']}, "
+             f"{off.get('num_samples', '?')} samples, {off.get('num_tokens', '?')} tokens)", "",
+             "| position | acc | loss |", "|---:|---:|---:|"]
+    for k, (a, s, l, ls) in enumerate(zip(off["acc"], off["acc_std"], off["loss"], off["loss_std"])):
+        lines.append(f"| {k} | {a:.4f} ± {s:.4f} | {l:.4f} ± {ls:.4f} |")
+    lines += ["", f"simulated τ = {off['simulated_tau']:.3f}"]
+    return "\n".join(lines) + "\n"

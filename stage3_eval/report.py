@@ -1,0 +1,134 @@
+"""report.json + report.md + report.png for one eval run (one or several heads).
+
+report.json layout:
+  {"target": ..., "prompts": [...], "settings": {...},
+   "heads": [{"head": DIR, "offline": {acc, acc_std, loss, loss_std, simulated_tau, ...} | {"skipped": why},
+              "methods": [{"method", "num_prompts", "num_turns", "new_tokens", "target_forward_passes",
+                           "tau", "acceptance_by_depth", "accept_length_hist", "baseline_new_tokens",
+                           "baseline_wall_s", "spec_wall_s", "baseline_tokens_per_s", "spec_tokens_per_s",
+                           "speedup", "lossless", "mismatched_prompts", "per_prompt": [...]}]}]}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stage3_eval.offline import offline_markdown
+
+REQUIRED = ("method", "num_prompts", "new_tokens", "target_forward_passes", "tau", "acceptance_by_depth",
+            "baseline_tokens_per_s", "spec_tokens_per_s", "speedup", "lossless", "mismatched_prompts")
+
+
+def summarize(method: str, runs: list[dict], depth: int) -> dict:
+    """Aggregate per-turn records {id, new_tokens, passes, accept_lengths, drafted_depths, wall_s,
+    base_new_tokens, base_wall_s, match, first_mismatch} into one method row."""
+    new = sum(r["new_tokens"] for r in runs)
+    passes = sum(r["passes"] for r in runs)
+    acc = [a for r in runs for a in r["accept_lengths"]]
+    drafted = [d for r in runs for d in r["drafted_depths"]]
+    by_depth = []
+    for d in range(1, depth + 1):
+        tried = sum(1 for a, dd in zip(acc, drafted) if dd >= d and a >= d - 1)
+        ok = sum(1 for a in acc if a >= d)
+        by_depth.append(ok / tried if tried else None)
+    hist = [sum(1 for a in acc if a == i) for i in range(depth + 1)]
+    base_new = sum(r["base_new_tokens"] for r in runs)
+    base_s = sum(r["base_wall_s"] for r in runs)
+    spec_s = sum(r["wall_s"] for r in runs)
+    base_tps = base_new / base_s if base_s > 0 else None
+    spec_tps = new / spec_s if spec_s > 0 else None
+    checked = [r for r in runs if r["match"] is not None]
+    mism = [{"id": r["id"], "turn": r["turn"], "first_mismatch": r["first_mismatch"]}
+            for r in checked if not r["match"]]
+    return {
+        "method": method,
+        "num_prompts": len({r["id"] for r in runs}),
+        "num_turns": len(runs),
+        "new_tokens": new,
+        "target_forward_passes": passes,
+        "tau": new / passes if passes else None,
+        "acceptance_by_depth": by_depth,
+        "accept_length_hist": hist,
+        "baseline_new_tokens": base_new,
+        "baseline_wall_s": base_s,
+        "spec_wall_s": spec_s,
+        "baseline_tokens_per_s": base_tps,
+        "spec_tokens_per_s": spec_tps,
+        "speedup": (spec_tps / base_tps) if base_tps and spec_tps else None,
+        "lossless": (not mism) if checked else None,
+        "mismatched_prompts": mism,
+        "per_prompt": [{k: r[k] for k in ("id", "turn", "new_tokens", "passes", "wall_s", "base_wall_s", "match")}
+                       for r in runs],
+    }
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(report: dict) -> str:
+    s = report.get("settings", {})
+    lines = [f"# Speculative decoding: {report.get('target', '')}", "",
+             f"prompts: {', '.join(report.get('prompts', []))}; max_new_tokens {s.get('max_new_tokens')}, "
+             f"temperature {s.get('temperature')}; chain k={s.get('draft_tokens')}; "
+             f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}", "",
+             "| head | method | prompts | new tokens | target passes | τ | acceptance by depth | "
+             "baseline tok/s | spec tok/s | speed-up | lossless |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    for h in report["heads"]:
+        name = h.get("name", h["head"])
+        for m in h["methods"]:
+            acc = " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
+            loss = {True: "yes", False: f"NO ({len(m['mismatched_prompts'])} mismatched)", None: "n/a (sampling)"}
+            lines.append(f"| {name} | {m['method']} | {m['num_prompts']} | {m['new_tokens']} | "
+                         f"{m['target_forward_passes']} | {_f(m['tau'])} | {acc} | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | "
+                         f"{_f(m['spec_tokens_per_s'], '{:.1f}')} | {_f(m['speedup'], '{:.2f}×')} | {loss[m['lossless']]} |")
+    for h in report["heads"]:
+        if h.get("offline") is not None:
+            lines += ["", f"## {h.get('name', h['head'])}", "", offline_markdown(h["offline"])]
+        for m in h["methods"]:
+            if m["mismatched_prompts"]:
+                lines += ["", f"mismatches ({h.get('name')}, {m['method']}): " +
+                          ", ".join(f"{x['id']}#turn{x['turn']}@{x['first_mismatch']}" for x in m["mismatched_prompts"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(h.get("name", h["head"]), m) for h in report["heads"] for m in h["methods"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, m) in enumerate(rows):
+        hist = m["accept_length_hist"]
+        tot = max(sum(hist), 1)
+        xs = [x + 1 + (i - (len(rows) - 1) / 2) * width for x in range(len(hist))]
+        a1.bar(xs, [c / tot for c in hist], width=width, label=f"{name} {m['method']}")
+        ys = [a if a is not None else float("nan") for a in m["acceptance_by_depth"]]
+        a2.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{name} {m['method']}")
+    a1.set_xlabel("tokens per cycle (accepted + 1)")
+    a1.set_ylabel("fraction of cycles")
+    a1.set_title("accepted length per cycle")
+    a2.set_xlabel("draft depth")
+    a2.set_ylabel("acceptance rate (given the previous depth accepted)")
+    a2.set_ylim(0, 1.05)
+    a2.set_title("acceptance by depth")
+    for a in (a1, a2):
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths
