@@ -345,3 +345,67 @@ class CacheReader:
         if not p.is_file():
             raise CacheError(f"{p} is missing: the cache cannot train a head without it")
         return load_file(str(p))["weight"]
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, topk: Optional[int] = None,
+                 vocab_size: Optional[int] = None) -> list[str]:
+    """Re-read every array of a committed shard; return its problems ('array: what'), [] when sound.
+
+    Checks the shard.json schema, each array's dtype and shape against the counts in
+    shard.json (and cache.json's H / K / V when given), that it decodes, and its
+    sha256 against the checksum recorded at write time.
+    """
+    import zarr
+
+    p = Path(shard_path)
+    try:
+        info = json.loads((p / SHARD_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{SHARD_JSON}: unreadable ({e})"]
+    problems = []
+    if info.get("schema") != SHARD_SCHEMA_ID:
+        problems.append(f"{SHARD_JSON}: schema {info.get('schema')!r} is not {SHARD_SCHEMA_ID!r}")
+    T, N = info.get("tokens"), info.get("samples")
+    H = hidden_size if hidden_size is not None else info.get("hidden_size")
+    K = topk if topk is not None else info.get("topk")
+    expect = {"input_ids": (T,), "loss_mask": (T,), "hidden": (T, 3, H), "topk_ids": (T, K),
+              "topk_logprobs": (T, K), "offsets": (None if N is None else N + 1,), "sample_index": (N,),
+              "token_counts": (vocab_size,)}
+    sums = info.get("checksums", {})
+    data: dict[str, np.ndarray] = {}
+    for name, (stored, _logical) in ARRAYS.items():
+        try:
+            arr = zarr.open_array(str(p / name), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises many types for broken metadata
+            problems.append(f"{name}: cannot open ({type(e).__name__}: {e})")
+            continue
+        if arr.dtype != np.dtype(stored):
+            problems.append(f"{name}: dtype {arr.dtype}, expected {stored}")
+        want = expect[name]
+        if len(arr.shape) != len(want) or any(w is not None and s != w for s, w in zip(arr.shape, want)):
+            problems.append(f"{name}: shape {tuple(arr.shape)}, expected {tuple(want)}")
+        # stream in row blocks: a shard of a large target holds tens of GB of hidden states
+        h = hashlib.sha256()
+        h.update(str(np.dtype(arr.dtype)).encode() + str(tuple(arr.shape)).encode())
+        block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
+        try:
+            for s in range(0, arr.shape[0], block):
+                a = np.ascontiguousarray(arr[s:s + block])
+                h.update(a.data)
+        except Exception as e:  # noqa: BLE001 - a corrupt chunk fails in the codec
+            problems.append(f"{name}: cannot decode ({type(e).__name__}: {e})")
+            continue
+        if name not in sums:
+            problems.append(f"{name}: no checksum in {SHARD_JSON}")
+        elif h.hexdigest() != sums[name]:
+            problems.append(f"{name}: checksum mismatch (data changed since it was written)")
+        if name == "offsets":
+            data[name] = np.asarray(arr[...])
+    o = data.get("offsets")
+    if o is not None and o.size:
+        if o[0] != 0 or (T is not None and o[-1] != T) or (np.diff(o) < 0).any():
+            problems.append(f"offsets: not a 0..{T} non-decreasing sequence")
+    return problems

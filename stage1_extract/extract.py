@@ -1,0 +1,590 @@
+"""Stage 1: run the target once over the data and write the feature cache (DESIGN.md section 4).
+
+Per shard (samples [k*S, (k+1)*S) of the ordered sample list; worker r of W takes
+k mod W == r): samples are sorted by length and packed into token-budget batches,
+the target runs once per batch (no grad, output_hidden_states), and on the device
+we keep the three layers of `extract.layers` and the top-K log-probabilities of
+the full-vocab softmax of the target's logits, computed in chunks of
+`extract.logits_chunk_tokens` positions. Padding is dropped before anything leaves
+the device. The writer thread (stage1_extract.writer) assembles, compresses and
+commits shards while the next batches run.
+
+Logits. Materialising [B, T, V] logits (73k vocab x 16k tokens = 4.8 GB in fp32,
+plus the same again for log_softmax) is what makes naive extraction run out of
+memory. The default path lets the model run its own forward up to the LM head and
+captures the head's *input* (so model-specific scaling before the head, such as
+MiniCPM's hidden / (hidden_size / dim_model_base), is the model's business), then
+applies the head itself chunk by chunk. Scaling *after* the head (logit
+soft-capping, logit_scale) would be skipped by that path, so the first batch of a
+run is checked against the model's own logits; on a mismatch the run falls back
+to the model's full logits (still reduced to top-K chunk by chunk).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from schemas.cache import (
+    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
+)
+from schemas.config import RunConfig, resolve_layers
+from stage1_extract.workers import Worker, resolve_worker
+from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
+
+
+class ExtractError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def make_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Pack sample positions into batches with len(batch) * longest <= max_tokens.
+
+    Longest first (ties by position), so padding is small and the first batch shows
+    the peak memory at once. A sample longer than the budget runs alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        L = int(lengths[i])
+        if cur and max(longest, L) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, L)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad_batch(seqs: Sequence[np.ndarray], pad_id: int):
+    """Right-padded int64 input_ids and attention_mask (torch, CPU)."""
+    import torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class Extractor:
+    """Runs the target on one padded batch and returns trimmed, device-side features.
+
+    __call__(input_ids, attention_mask) -> (hidden bf16 [rows, 3, H], topk_ids int32 [rows, K],
+    topk_logprobs fp16 [rows, K]) where rows are the real tokens of the batch, sample
+    after sample.
+    """
+
+    def __init__(self, model, layers: list[int], topk: int, chunk_tokens: int = 2048, logits_path: str = "auto"):
+        self.model = model
+        self.layers = list(layers)
+        self.topk = int(topk)
+        self.chunk = int(chunk_tokens)
+        self.head = model.get_output_embeddings()
+        if self.head is None and logits_path != "model":
+            logits_path = "model"
+        self.logits_path = logits_path  # auto -> decided on the first batch: "head" or "model"
+        self.check: Optional[dict] = None
+        self.device = _input_device(model)
+
+    # The head's input is captured by swapping the head's forward for one that records
+    # it and returns an empty [.., 0] tensor: every op after the head still runs, on nothing.
+    def _forward_capture(self, ids, mask):
+        import torch
+
+        head, captured = self.head, {}
+        had_own = "forward" in head.__dict__
+        own = head.__dict__.get("forward")
+
+        def capture(x, *a, **k):
+            captured["x"] = x
+            return x.new_empty(*x.shape[:-1], 0)
+
+        head.forward = capture
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        finally:
+            if had_own:
+                head.forward = own
+            else:
+                del head.forward
+        if "x" not in captured:
+            raise ExtractError("the model's forward never called its output embedding (lm_head); "
+                               "cannot capture logits in chunks")
+        return out, captured["x"]
+
+    def _topk_rows(self, rows_fn, n: int):
+        """rows_fn(start, stop) -> fp32 logits [rows, V] on device; top-K of log_softmax, chunked."""
+        import torch
+
+        ids = torch.empty((n, self.topk), dtype=torch.int32, device=self.device)
+        lps = torch.empty((n, self.topk), dtype=torch.float16, device=self.device)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            logits = rows_fn(s, e).float()
+            # log_softmax is monotone: top-K of the logits minus logsumexp, without a second
+            # [rows, V] tensor for the full log_softmax
+            v, i = logits.topk(self.topk, dim=-1)
+            v = v - torch.logsumexp(logits, dim=-1, keepdim=True)
+            ids[s:e] = i.to(ids.device, torch.int32)
+            lps[s:e] = v.clamp_min(-60000.0).to(lps.device, torch.float16)
+            del logits, v, i
+        return ids, lps
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device)
+        with torch.no_grad():
+            if self.logits_path == "auto":
+                self._decide(ids, mask)
+            flat = mask.reshape(-1).bool()
+            n = int(flat.sum())
+            if self.logits_path == "head":
+                out, x = self._forward_capture(ids, mask)
+                xs = x.reshape(-1, x.shape[-1])[flat.to(x.device)]  # trim padding on device
+                head = self.head
+                topk_ids, topk_lps = self._topk_rows(lambda s, e: head(xs[s:e]), n)
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+                lg = out.logits
+                sel = torch.nonzero(flat.to(lg.device)).squeeze(1)
+                lg2 = lg.reshape(-1, lg.shape[-1])
+                topk_ids, topk_lps = self._topk_rows(lambda s, e: lg2[sel[s:e]], n)
+            hs = out.hidden_states
+            if hs is None:
+                raise ExtractError("the model returned no hidden_states for output_hidden_states=True")
+            if max(self.layers) >= len(hs):
+                raise ExtractError(f"extract.layers {self.layers}: the model returned only {len(hs)} hidden states")
+            hidden = torch.stack([hs[i].to(self.device) for i in self.layers], dim=2)  # [B, T, 3, H]
+            hidden = hidden.reshape(-1, 3, hidden.shape[-1])[flat].to(torch.bfloat16)
+            del out, hs
+        return hidden, topk_ids.to(self.device), topk_lps.to(self.device)
+
+    def _decide(self, ids, mask) -> None:
+        """Check the chunked-head path against the model's own logits on a short probe."""
+        import torch
+
+        probe_len = min(int(mask[0].sum()), 64)
+        pid, pm = ids[:1, :probe_len], mask[:1, :probe_len]
+        if self.head is None:
+            self.logits_path = "model"
+            return
+        _, x = self._forward_capture(pid, pm)
+        mine = torch.log_softmax(self.head(x[0]).float(), -1)
+        ref = torch.log_softmax(self.model(input_ids=pid, attention_mask=pm, use_cache=False).logits[0].float(), -1)
+        if mine.shape != ref.shape:
+            diff = float("inf")
+        else:
+            diff = float((mine.to(ref.device) - ref).abs().max())
+        tol = 1e-3 if ref.dtype == torch.float32 and x.dtype == torch.float32 else 5e-2
+        self.logits_path = "head" if diff <= tol else "model"
+        self.check = {"max_abs_logprob_diff": diff, "tol": tol, "path": self.logits_path}
+        if self.logits_path == "model":
+            print(f"extract: the model transforms logits after its lm_head (max |d log p| = {diff:.3g} on a "
+                  f"probe); using the model's full logits, reduced chunk by chunk", file=sys.stderr)
+
+
+def _input_device(model):
+    import torch
+
+    emb = model.get_input_embeddings()
+    try:
+        return next(emb.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- cache identity
+
+
+def _sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def data_fingerprint(paths: Sequence[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        q = Path(p).expanduser()
+        if q.is_file():
+            out.append({"path": str(p), "sha256": file_sha256(q)})
+        elif q.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in q.rglob("*") if x.is_file()):
+                h.update(str(f.relative_to(q)).encode() + b"\0" + file_sha256(f).encode())
+            out.append({"path": str(p), "sha256": h.hexdigest()})
+        else:
+            out.append({"path": str(p), "sha256": None})
+    return out
+
+
+def weights_fingerprint(hf_dir: Path) -> str:
+    """Names and sizes of the weight files (hashing tens of GB of weights is not worth it)."""
+    h = hashlib.sha256()
+    for f in sorted(hf_dir.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name.endswith(".index.json"):
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def embed_scale(model, probe_ids=None) -> float:
+    """The factor between the raw embedding matrix and what the first layer sees.
+
+    MiniCPM multiplies by config.scale_emb, Gemma by sqrt(hidden_size) (rounded to
+    its dtype). Read from the embedding module (transformers' scaled embeddings) or
+    the config, then confirmed on a probe against hidden_states[0].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    emb = model.get_input_embeddings()
+    scale = getattr(emb, "embed_scale", None)
+    if scale is None:
+        c = model.config
+        scale = getattr(c, "scale_emb", None)
+        if scale is None and getattr(c, "model_type", "").startswith("gemma"):
+            scale = c.hidden_size ** 0.5
+    scale = float(scale.item() if torch.is_tensor(scale) else (scale if scale is not None else 1.0))
+    if probe_ids is not None:
+        with torch.no_grad():
+            ids = probe_ids.to(emb.weight.device)
+            try:
+                out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            except TypeError:  # remote code without logits_to_keep
+                out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            hs0 = out.hidden_states[0].float()
+            raw = F.embedding(ids, emb.weight).float().to(hs0.device)
+            nz = raw.abs() > 1e-6
+            measured = float((hs0[nz] / raw[nz]).median()) if nz.any() else scale
+        if abs(measured - scale) > 1e-2 * max(1.0, abs(scale)):
+            print(f"extract: warning: hidden_states[0] / embed_tokens = {measured:.6g} but the model/config "
+                  f"says {scale:.6g}; recording the config's value as embed_scale", file=sys.stderr)
+    return scale
+
+
+def _config_sha(hf_dir: Path) -> str:
+    p = hf_dir / "config.json"
+    return file_sha256(p) if p.is_file() else ""
+
+
+def _tokenizer_sha(tok) -> tuple[str, str]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    specials = json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())})
+    return _sha256_bytes((blob + specials).encode()), _sha256_bytes((tok.chat_template or "").encode())
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def cache_identity(cfg: RunConfig, model, tok, hf_dir: Path, layers: list[int], paths: Sequence[str],
+                   num_samples: int, which: str) -> dict:
+    import schemas
+
+    c = model.config
+    tok_sha, tmpl_sha = _tokenizer_sha(tok)
+    head = model.get_output_embeddings()
+    V = int(head.weight.shape[0]) if head is not None and hasattr(head, "weight") else int(c.vocab_size)
+    S = cfg.extract.samples_per_shard
+    return {
+        "schema": SCHEMA_ID,
+        "tool_version": getattr(schemas, "__version__", "0"),
+        "split": which,
+        "target": {
+            "path": cfg.target.path,
+            "hf_dir": str(hf_dir),
+            "model_type": c.model_type,
+            "architectures": list(getattr(c, "architectures", None) or []),
+            "num_hidden_layers": int(c.num_hidden_layers),
+            "hidden_size": int(c.hidden_size),
+            "vocab_size": int(V),
+            "config_sha256": _config_sha(hf_dir),
+            "weights_fingerprint": weights_fingerprint(hf_dir),
+            "dtype": _dtype_name(next(model.parameters()).dtype),
+            "embed_scale": None,  # filled by prepare_cache
+        },
+        "tokenizer": {"sha256": tok_sha, "chat_template_sha256": tmpl_sha, "size": len(tok),
+                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        "layers": list(layers),
+        "topk": int(cfg.extract.topk),
+        "max_length": int(cfg.data.max_length),
+        "truncation": cfg.data.truncation,
+        "data": {"sources": data_fingerprint(paths), "num_samples": int(num_samples)},
+        "samples_per_shard": int(S),
+        "num_shards": int(math.ceil(num_samples / S)) if num_samples else 0,
+        "hidden_dtype": "bfloat16",
+        "codec": {"compressor": cfg.extract.compressor, "chunk_rows": cfg.extract.chunk_rows},
+    }
+
+
+# dotted key -> words for the refusal message
+IDENTITY_KEYS = {
+    "target.model_type": "target model type",
+    "target.num_hidden_layers": "target (num_hidden_layers)",
+    "target.hidden_size": "target (hidden_size)",
+    "target.vocab_size": "target (vocab_size)",
+    "target.config_sha256": "target (config.json sha256)",
+    "target.weights_fingerprint": "target weights (file names/sizes)",
+    "target.dtype": "target dtype",
+    "tokenizer.sha256": "tokenizer",
+    "tokenizer.chat_template_sha256": "chat template",
+    "layers": "layers (extract.layers)",
+    "topk": "K (extract.topk)",
+    "max_length": "max length (data.max_length)",
+    "truncation": "truncation (data.truncation)",
+    "data.sources": "data (sources / sha256)",
+    "data.num_samples": "data (number of samples)",
+    "samples_per_shard": "samples per shard (extract.samples_per_shard)",
+}
+
+
+def _get(d: dict, dotted: str):
+    cur: Any = d
+    for p in dotted.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def identity_differences(have: dict, want: dict) -> list[str]:
+    diffs = []
+    for key, words in IDENTITY_KEYS.items():
+        a, b = _get(have, key), _get(want, key)
+        if key == "data.sources":
+            a = [(s.get("path"), s.get("sha256")) for s in (a or [])]
+            b = [(s.get("path"), s.get("sha256")) for s in (b or [])]
+            if [x[1] for x in a] == [x[1] for x in b]:
+                continue  # same content at another path is the same data
+            a = [f"{p} ({(h or 'missing')[:12]})" for p, h in a]
+            b = [f"{p} ({(h or 'missing')[:12]})" for p, h in b]
+        if a != b:
+            diffs.append(f"{words}: cache has {a!r}, this run has {b!r}")
+    return diffs
+
+
+def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_ids=None) -> dict:
+    """Create cache.json + target/ (first worker), or check an existing cache.json matches."""
+    cj = root / CACHE_JSON
+    if cj.is_file():
+        try:
+            have = json.loads(cj.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{cj}: not valid JSON ({e})") from None
+        if have.get("schema") != SCHEMA_ID:
+            raise CacheError(f"{cj}: schema '{have.get('schema')}' is not '{SCHEMA_ID}'; use another extract.cache")
+        diffs = identity_differences(have, identity)
+        if diffs:
+            raise CacheError(f"refusing to extract into {root}: it was made with a different "
+                             + "; a different ".join(diffs)
+                             + ". Use another extract.cache, or delete the cache to start over.")
+        if not (root / TARGET_DIR / EMBED_FILE).is_file():
+            _write_target_dir(root, model, tok, hf_dir, have["target"].get("embed_scale") or 1.0)
+        return have
+    if committed_shards(root):
+        raise CacheError(f"{root} holds committed shards but no {CACHE_JSON}; refusing to add to it")
+    identity = json.loads(json.dumps(identity))
+    scale = embed_scale(model, probe_ids)
+    identity["target"]["embed_scale"] = scale
+    identity["embed_scale"] = scale
+    root.mkdir(parents=True, exist_ok=True)
+    _write_target_dir(root, model, tok, hf_dir, scale)
+    tmp = root / f".{CACHE_JSON}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(identity, indent=1))
+    os.replace(tmp, cj)  # concurrent first workers write the same content
+    return identity
+
+
+def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float) -> None:
+    from safetensors.torch import save_file
+
+    final = root / TARGET_DIR
+    if (final / EMBED_FILE).is_file():
+        return
+    tmp = root / f".target.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, tmp / name)
+    tok.save_pretrained(str(tmp))
+    w = model.get_input_embeddings().weight.detach().to("cpu").contiguous().clone()
+    # the raw matrix; the model multiplies it by embed_scale (also in cache.json)
+    save_file({"weight": w}, str(tmp / EMBED_FILE), metadata={"embed_scale": repr(float(scale))})
+    if final.exists() and not (final / EMBED_FILE).is_file():
+        shutil.rmtree(final, ignore_errors=True)  # a partial dir from a killed first run
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another worker won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ExtractReport:
+    cache: str
+    worker: str
+    shards_total: int
+    shards_mine: int
+    shards_skipped: int
+    shards_written: int
+    samples: int
+    tokens: int
+    wall_s: float  # forward + capture + writes, without loading the target or tokenizing
+    compute_s: float
+    writer_wait_s: float
+    flush_s: float
+    manifest: bool
+    logits_path: str
+
+
+def _sample_arrays(s) -> tuple[int, np.ndarray, np.ndarray]:
+    return int(s.sample_index), np.asarray(s.input_ids, dtype=np.int32), np.asarray(s.loss_mask, dtype=np.uint8)
+
+
+def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", progress: bool = True,
+                samples: Optional[list] = None, target: Optional[tuple] = None,
+                report: Optional[dict] = None, summary: Optional[bool] = None) -> Path:
+    """Extract this worker's shards of data.<which> into the cache; returns the cache dir.
+
+    `samples` / `target` (model, tok, hf_dir) skip tokenizing / loading (benchmarks,
+    tests); `report` is filled with an ExtractReport dict; `summary` (default: `progress`)
+    prints the final one-line summary on stderr.
+    """
+    import torch
+
+    if which not in ("train", "eval"):
+        raise ValueError(f"which must be 'train' or 'eval', not {which!r}")
+    w: Worker = resolve_worker(worker)
+    root = Path(cfg.extract.cache if which == "train" else cfg.eval_cache)
+    paths = list(cfg.data.train if which == "train" else cfg.data.eval)
+    if samples is None and not paths:
+        raise ExtractError(f"data.{which} is empty: nothing to extract into {root}")
+
+    if target is None:
+        from schemas.target import load_target
+
+        tcfg = cfg.target
+        if w.local_rank is not None and tcfg.device == "auto" and not tcfg.device_map and torch.cuda.is_available():
+            tcfg = tcfg.model_copy(update={"device": f"cuda:{w.local_rank}"})
+        target = load_target(tcfg)
+    model, tok, hf_dir = target
+    hf_dir = Path(hf_dir)
+    data_stats = None
+    if samples is None:
+        from stage1_extract.tokenize import build_samples
+
+        samples, data_stats = build_samples(cfg, tok, paths=paths, progress=progress and w.rank == 0)
+    if not samples:
+        raise ExtractError(f"data.{which}: no usable samples in {paths}")
+    rows = [_sample_arrays(s) for s in samples]
+    if any(rows[i][0] >= rows[i + 1][0] for i in range(len(rows) - 1)):
+        raise ExtractError("samples must be ordered by sample_index (strictly increasing)")
+
+    layers = resolve_layers(cfg.extract.layers, int(model.config.num_hidden_layers))
+    identity = cache_identity(cfg, model, tok, hf_dir, layers, paths, len(rows), which)
+    if data_stats is not None:
+        st = asdict(data_stats) if is_dataclass(data_stats) else dict(vars(data_stats))
+        identity["data"]["stats"] = {k: v for k, v in st.items() if k not in ("lengths", "skipped_index")}
+    probe = torch.from_numpy(rows[0][1][:32].astype(np.int64))[None]
+    meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
+
+    S = cfg.extract.samples_per_shard
+    n_shards = math.ceil(len(rows) / S)
+    mine = [k for k in range(n_shards) if w.owns(k)]
+    done = set(committed_shards(root))
+    todo = [k for k in mine if k not in done]
+    H, K, V = meta["target"]["hidden_size"], meta["topk"], meta["target"]["vocab_size"]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    ext = Extractor(model, layers, K, cfg.extract.logits_chunk_tokens)
+    writer = ShardWriter(root, hidden_size=H, topk=K, vocab_size=V, compressor=cfg.extract.compressor,
+                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
+                         shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
+                                                "hidden_size": H, "topk": K, "layers": layers})
+    total_samples = sum(min(len(rows), (k + 1) * S) - k * S for k in todo)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_samples, unit="sample", desc=f"extract {which} {w}",
+                   position=w.rank if w.world > 1 and w.source == "torchrun" else None, dynamic_ncols=True)
+    cuda = ext.device.type == "cuda"
+    t0 = time.perf_counter()
+    compute_s = 0.0
+    n_samples = n_tokens = 0
+    try:
+        for k in todo:
+            lo, hi = k * S, min(len(rows), (k + 1) * S)
+            plan = ShardPlan(k, np.array([r[0] for r in rows[lo:hi]], dtype=np.int64),
+                             [r[1] for r in rows[lo:hi]], [r[2] for r in rows[lo:hi]])
+            writer.begin_shard(plan)
+            lengths = [len(x) for x in plan.input_ids]
+            for batch in make_batches(lengths, cfg.extract.max_tokens_per_batch):
+                tc = time.perf_counter()
+                ids, mask = pad_batch([plan.input_ids[j] for j in batch], pad_id)
+                hidden, tids, tlps = ext(ids, mask)
+                ready = None
+                if cuda:  # start the copy to the host; the writer waits on the event, not the compute loop
+                    hidden, tids, tlps = (t.to("cpu", non_blocking=True) for t in (hidden, tids, tlps))
+                    ready = torch.cuda.Event()
+                    ready.record()
+                compute_s += time.perf_counter() - tc
+                writer.put_batch(BatchResult(k, batch, hidden, tids, tlps, ready))
+                ntok = int(mask.sum())
+                n_samples += len(batch)
+                n_tokens += ntok
+                if bar is not None:
+                    el = max(time.perf_counter() - t0, 1e-9)
+                    bar.update(len(batch))
+                    bar.set_postfix_str(f"shard {k} | {n_tokens / el:,.0f} tok/s | queue {writer.depth}", refresh=False)
+            writer.end_shard(k)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        if bar is not None:
+            bar.close()
+        raise
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    manifest = False
+    if len(committed_shards(root)) == n_shards:  # the last worker to finish writes the manifest
+        build_manifest(root)
+        manifest = True
+    rep = ExtractReport(str(root), str(w), n_shards, len(mine), len(mine) - len(todo), len(writer.committed),
+                        n_samples, n_tokens, wall, compute_s, writer.wait_s, writer.flush_s, manifest,
+                        ext.logits_path)
+    if report is not None:
+        report.update(asdict(rep))
+    if progress if summary is None else summary:
+        print(f"extract {which} worker {w}: {rep.shards_written} shards written, {rep.shards_skipped} already "
+              f"committed (of {len(mine)} mine, {n_shards} total); {n_samples} samples, {n_tokens} tokens in "
+              f"{wall:.1f}s ({n_tokens / max(wall, 1e-9):,.0f} tok/s); waited on the writer {writer.wait_s:.1f}s; "
+              f"{'manifest written' if manifest else 'manifest left to the last worker'} -> {root}",
+              file=sys.stderr, flush=True)
+    return root
