@@ -110,6 +110,9 @@ class Eagle3Draft(nn.Module):
         # Frozen target embedding: used, never trained, never exported.
         self.embed_tokens = nn.Embedding(V, h)
         self.embed_tokens.weight.requires_grad_(False)
+        # Targets that scale their input embedding (MiniCPM scale_emb, Gemma sqrt(h)):
+        # stage 1 records the factor in cache.json and the head config carries it.
+        self.embed_scale = float(config.get("embed_scale", 1.0) or 1.0)
         if embed_weight is not None:
             self.set_embedding(embed_weight)
 
@@ -136,7 +139,10 @@ class Eagle3Draft(nn.Module):
         return self.fc(aux_hidden.to(self.fc.weight.dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids).to(self.fc.weight.dtype)
+        e = self.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:
+            e = e * self.embed_scale
+        return e.to(self.fc.weight.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits from the layer's (pre-norm) output hidden."""
