@@ -1,0 +1,252 @@
+"""Answer regeneration: the target writes its own answers (EAGLE-3 / SpecForge practice).
+
+Every assistant turn of every conversation is replaced, in order, by the target's
+answer to the conversation so far; prompt-only records (user turns only) get an
+answer after each user turn. Acceptance rises when the head learns the target's
+own style rather than the style of whoever wrote the data set.
+
+The output is a ShareGPT JSONL ({"id", "conversations": [{"from", "value"}]}),
+written one whole conversation per line, flushed and fsynced after each batch.
+A re-run appends: ids already in the file are skipped, and a trailing partial
+line left by a killed process is dropped first, so a conversation is never
+duplicated or lost.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from schemas.config import RunConfig
+
+ROLE_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
+META_SUFFIX = ".meta.json"
+# Settings that change what the answers are: resuming under different ones would mix two data sets.
+META_KEYS = ("target", "max_new_tokens", "temperature", "top_p", "seed")
+
+
+class RegenerateError(ValueError):
+    pass
+
+
+@dataclass
+class _Item:
+    key: str                 # output id (unique)
+    prompts: list[list[dict]]  # the user-turn groups, each a list of messages preceding one answer
+    system: Optional[dict]
+
+
+def default_output(cfg: RunConfig) -> Path:
+    """data.regenerate.output, or <run dir>/regenerated.jsonl (run dir = the cache's parent)."""
+    if cfg.data.regenerate.output:
+        return Path(cfg.data.regenerate.output)
+    return Path(cfg.extract.cache).parent / "regenerated.jsonl"
+
+
+def _split_turns(messages: list[dict]) -> tuple[Optional[dict], list[list[dict]]]:
+    """(leading system message, prompt groups). Original assistant turns are dropped; every user
+    turn (with any non-user message before it) is one group, answered once -- so prompt-only
+    records with several user turns in a row get an answer after each."""
+    system = None
+    groups: list[list[dict]] = []
+    cur: list[dict] = []
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "system" and i == 0:
+            system = {"role": "system", "content": m["content"]}
+        elif role == "assistant":
+            continue
+        else:
+            cur.append({"role": role, "content": m["content"]})
+            if role == "user":
+                groups.append(cur)
+                cur = []
+    return system, groups
+
+
+def _unique_keys(convs) -> list[str]:
+    """Stable output ids: the record's id, else FILE:LINE; repeated ids get '#2', '#3', ..."""
+    seen: dict[str, int] = {}
+    keys = []
+    for c in convs:
+        base = str(c.id) if c.id not in (None, "") else f"{Path(c.source).name}:{c.line}"
+        n = seen.get(base, 0) + 1
+        seen[base] = n
+        keys.append(base if n == 1 else f"{base}#{n}")
+    return keys
+
+
+def scan_output(path: Path, *, repair: bool = True) -> set[str]:
+    """Ids already written; drops a trailing partial line (a killed writer) when `repair`."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+        data = data[:cut]
+    ids: set[str] = set()
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ids.add(str(rec["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RegenerateError(f"{path}:{n}: id: not a regenerated conversation ({e}); "
+                                  f"delete the file or choose another data.regenerate.output") from None
+    return ids
+
+
+def _meta(cfg: RunConfig) -> dict:
+    r = cfg.data.regenerate
+    return {"target": cfg.target.path, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
+            "top_p": r.top_p, "seed": r.seed}
+
+
+def _check_meta(out: Path, cfg: RunConfig) -> None:
+    mp = out.with_name(out.name + META_SUFFIX)
+    want = _meta(cfg)
+    if mp.is_file() and out.exists():
+        have = json.loads(mp.read_text())
+        diff = [f"{k}: {have.get(k)!r} -> {want[k]!r}" for k in META_KEYS if have.get(k) != want[k]]
+        if diff:
+            raise RegenerateError(
+                f"{out} was written with other settings ({'; '.join(diff)}); delete it or set "
+                f"data.regenerate.output to a new file")
+    mp.parent.mkdir(parents=True, exist_ok=True)
+    mp.write_text(json.dumps(want, indent=2) + "\n")
+
+
+def pending(cfg: RunConfig) -> tuple[Path, int, int]:
+    """(output path, conversations in the input, conversations still to write) without loading the target."""
+    items, out, done = _plan(cfg, repair=False)
+    return out, len(items), sum(1 for it in items if it.key not in done)
+
+
+def _plan(cfg: RunConfig, *, repair: bool):
+    from stage1_extract.conversations import load_conversations
+
+    if not cfg.data.train:
+        raise RegenerateError("data.train is empty: nothing to regenerate")
+    convs, _stats = load_conversations(list(cfg.data.train), on_error=cfg.data.on_error,
+                                       max_samples=cfg.data.max_samples, num_proc=cfg.data.num_proc,
+                                       require_assistant=False)
+    items = []
+    for key, c in zip(_unique_keys(convs), convs):
+        system, groups = _split_turns(c.messages)
+        if groups:  # a record without any user turn has nothing to answer
+            items.append(_Item(key, groups, system))
+    out = default_output(cfg)
+    done = scan_output(out, repair=repair)
+    return items, out, done
+
+
+def _to_sharegpt(key: str, messages: list[dict]) -> dict:
+    return {"id": key, "conversations": [{"from": ROLE_TO_SHAREGPT[m["role"]], "value": m["content"]}
+                                         for m in messages]}
+
+
+def _stop_ids(tok, model) -> list[int]:
+    ids = set()
+    for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return sorted(ids)
+
+
+def _prompt_len(tok, messages: list[dict]) -> int:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _generate(model, tok, prompts: list[list[dict]], cfg: RunConfig, seed: int) -> list[str]:
+    """One batched generate call over chat prompts, LEFT padded so every row ends at its prompt end."""
+    import torch
+
+    r = cfg.data.regenerate
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(e) for e in enc)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else _stop_ids(tok, model)[0]
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    att = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+        att[i, width - len(e):] = 1
+    dev = next(model.parameters()).device
+    kw = dict(max_new_tokens=r.max_new_tokens, pad_token_id=pad, eos_token_id=_stop_ids(tok, model))
+    if r.temperature > 0:
+        torch.manual_seed(seed)
+        kw.update(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=0)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw)
+    return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen.cpu()]
+
+
+def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """Regenerate the assistant turns of data.train; returns the output JSONL (resumes an existing one)."""
+    from tqdm.auto import tqdm
+
+    items, out, done = _plan(cfg, repair=True)
+    todo = [it for it in items if it.key not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_meta(out, cfg)
+    if not todo:
+        if not out.exists():  # touching an existing file would change its mtime for no reason
+            out.touch()
+        return out
+
+    from schemas.target import load_target
+
+    model, tok, _ = load_target(cfg.target)
+    r = cfg.data.regenerate
+    max_len = cfg.data.max_length
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="regenerate", unit="conv",
+               disable=not progress, dynamic_ncols=True)
+    with open(out, "a", encoding="utf-8") as f:
+        for b0 in range(0, len(todo), r.batch_size):
+            batch = todo[b0:b0 + r.batch_size]
+            hist = [[it.system] if it.system else [] for it in batch]
+            live = list(range(len(batch)))
+            turn = 0
+            while live:
+                for i in live:
+                    hist[i].extend(batch[i].prompts[turn])
+                # Later turns whose history already fills data.max_length would be cut by extraction anyway.
+                if turn > 0:
+                    keep = []
+                    for i in live:
+                        n = _prompt_len(tok, hist[i])
+                        if n < max_len:
+                            keep.append(i)
+                        else:
+                            del hist[i][-len(batch[i].prompts[turn]):]
+                    live = keep
+                    if not live:
+                        break
+                seed = r.seed + int(hashlib.sha256(batch[0].key.encode()).hexdigest()[:8], 16) + turn
+                answers = _generate(model, tok, [hist[i] for i in live], cfg, seed)
+                for i, a in zip(live, answers):
+                    hist[i].append({"role": "assistant", "content": a})
+                turn += 1
+                live = [i for i in live if turn < len(batch[i].prompts)]
+            # Whole lines, one write each, flushed: a kill leaves at most one partial trailing line.
+            for it, h in zip(batch, hist):
+                f.write(json.dumps(_to_sharegpt(it.key, h), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return out
