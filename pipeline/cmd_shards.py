@@ -11,6 +11,7 @@ import typer
 
 from pipeline.common import console, out, register_user_error, user_errors
 from schemas.cache import (
+    read_cache_json,
     CACHE_JSON, SCHEMA_ID, SHARD_JSON, CacheError, CacheReader, build_manifest, dir_bytes, shards_dir, verify_shard,
 )
 
@@ -19,18 +20,7 @@ MASK_OPEN, MASK_CLOSE = "«", "»"
 
 
 def _load_meta(root: Path) -> dict:
-    cj = root / CACHE_JSON
-    if not root.is_dir():
-        raise CacheError(f"cache not found: {root}")
-    if not cj.is_file():
-        raise CacheError(f"{root} is not an eagle3 cache: {CACHE_JSON} is missing")
-    try:
-        meta = json.loads(cj.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{cj}: not valid JSON ({e})") from None
-    if meta.get("schema") != SCHEMA_ID:
-        raise CacheError(f"{cj}: schema {meta.get('schema')!r} is not {SCHEMA_ID!r}")
-    return meta
+    return read_cache_json(root)
 
 
 # --------------------------------------------------------------------------- ls

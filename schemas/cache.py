@@ -261,6 +261,23 @@ class ShardReader:
         return self.rows(int(o[local]), int(o[local + 1]), fields)
 
 
+def read_cache_json(root: str | Path) -> dict:
+    """cache.json of a cache directory, checked for presence, JSON and schema id."""
+    root = Path(root)
+    cj = root / CACHE_JSON
+    if not root.is_dir():
+        raise CacheError(f"cache not found: {root} (run `eagle3 extract` first)")
+    if not cj.is_file():
+        raise CacheError(f"{root} is not an eagle3 cache: {CACHE_JSON} is missing")
+    try:
+        meta = json.loads(cj.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{cj}: not valid JSON ({e})") from None
+    if meta.get("schema") != SCHEMA_ID:
+        raise CacheError(f"{cj}: schema {meta.get('schema')!r} is not {SCHEMA_ID!r}")
+    return meta
+
+
 class CacheReader:
     """Read-only view of a cache; checks cache.json before anything else.
 
@@ -270,14 +287,8 @@ class CacheReader:
 
     def __init__(self, root: str | Path, expect: Optional[dict] = None):
         self.root = Path(root)
+        self.meta: dict = read_cache_json(self.root)
         cj = self.root / CACHE_JSON
-        if not self.root.is_dir():
-            raise CacheError(f"cache not found: {self.root} (run `eagle3 extract` first)")
-        if not cj.is_file():
-            raise CacheError(f"{self.root} is not an eagle3 cache: {CACHE_JSON} is missing")
-        self.meta: dict = json.loads(cj.read_text())
-        if self.meta.get("schema") != SCHEMA_ID:
-            raise CacheError(f"{cj}: schema '{self.meta.get('schema')}' is not '{SCHEMA_ID}'")
         for key, want in (expect or {}).items():
             have = self.field(key)
             if have != want:

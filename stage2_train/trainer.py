@@ -157,13 +157,7 @@ class Plan:
     def __init__(self, cfg: RunConfig, world_size: int, grad_accum: int):
         tc = cfg.train
         self.cfg = cfg
-        expect = {}
-        if isinstance(cfg.extract.layers, list):
-            expect["layers"] = list(cfg.extract.layers)
-        for key in ("target_hidden_size", "hidden_size"):
-            if key in tc.model_overrides:
-                expect["hidden_size"] = int(tc.model_overrides[key])
-        self.reader = CacheReader(cfg.train_cache, expect=expect)
+        self.reader = CacheReader(cfg.train_cache, expect=cache_expectations(cfg))
         r = self.reader
         self._check_rows()
         self.vocab = build_draft_vocab(r.token_counts(), tc.draft_vocab_size)
@@ -237,16 +231,21 @@ class Plan:
                 "total_steps": self.total_steps, **extra}
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Cheap checks of the config against the cache(s): clear errors before any work."""
-    tc = cfg.train
+def cache_expectations(cfg: RunConfig) -> dict:
+    """What the config pins about the cache (layers, hidden size): checked on open."""
     expect = {}
     if isinstance(cfg.extract.layers, list):
         expect["layers"] = list(cfg.extract.layers)
     for key in ("target_hidden_size", "hidden_size"):
-        if key in tc.model_overrides:
-            expect["hidden_size"] = int(tc.model_overrides[key])
-    r = CacheReader(cfg.train_cache, expect=expect)
+        if key in cfg.train.model_overrides:
+            expect["hidden_size"] = int(cfg.train.model_overrides[key])
+    return expect
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks of the config against the cache(s): clear errors before any work."""
+    tc = cfg.train
+    r = CacheReader(cfg.train_cache, expect=cache_expectations(cfg))
     if tc.draft_vocab_size > r.vocab_size:
         from stage2_train.vocab import VocabError
 
