@@ -146,16 +146,14 @@ def resolve_split(reader: CacheReader, config: dict, split: str, cfg=None) -> np
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
     tr = config.get("training") or {}
     sp = tr.get("split") or {}
-    if cfg is not None:
-        val_fraction, seed = cfg.train.val_fraction, cfg.train.seed
-        train_cache_id = sp.get("cache_id")
-        same = (Path(cfg.train_cache).resolve() == reader.root.resolve()) if train_cache_id is None \
-            else train_cache_id == cache_id(reader)
-        if cfg.train.eval_cache and Path(cfg.train.eval_cache).resolve() == reader.root.resolve():
-            same = False
-    elif sp:
+    if sp:  # the head records the split it trained with: that is what was held out
         val_fraction, seed = sp["val_fraction"], sp["seed"]
         same = sp.get("cache_id") == cache_id(reader)
+    elif cfg is not None:
+        val_fraction, seed = cfg.train.val_fraction, cfg.train.seed
+        same = Path(cfg.train_cache).resolve() == reader.root.resolve()
+        if cfg.train.eval_cache and Path(cfg.train.eval_cache).resolve() == reader.root.resolve():
+            same = False
     else:
         raise HeadError("the head has no training split record: pass cfg= or use split='all'")
     if not same:

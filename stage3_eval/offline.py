@@ -45,7 +45,11 @@ def offline_markdown(off: dict, title: str = "") -> str:
     lines = [f"Offline (teacher-forced) {title} on {off['cache']} (split {off['split']}, "
              f"{off.get('num_samples', '?')} samples, {off.get('num_tokens', '?')} tokens)", "",
              "| position | acc | loss |", "|---:|---:|---:|"]
-    for k, (a, s, l, ls) in enumerate(zip(off["acc"], off["acc_std"], off["loss"], off["loss_std"])):
+    # per-sample std when present (a token-level acc std is just sqrt(p(1-p)))
+    acc_sd = off.get("acc_sample_std") or off["acc_std"]
+    loss_sd = off.get("loss_sample_std") or off["loss_std"]
+    for k, (a, s, l, ls) in enumerate(zip(off["acc"], acc_sd, off["loss"], loss_sd)):
         lines.append(f"| {k} | {a:.4f} ± {s:.4f} | {l:.4f} ± {ls:.4f} |")
-    lines += ["", f"simulated τ = {off['simulated_tau']:.3f}"]
+    spread = "std over samples" if off.get("acc_sample_std") else "token-level std"
+    lines += ["", f"(mean ± {spread})", "", f"simulated τ = {off['simulated_tau']:.3f}"]
     return "\n".join(lines) + "\n"

@@ -103,6 +103,9 @@ def test_offline_markdown_format():
     assert "| 0 | 0.5000 ± 0.1000 | 1.2000 ± 0.3000 |" in md and "| 1 | 0.2500 ± 0.0500 | 2.0000 ± 0.4000 |" in md
     assert "simulated τ = 1.625" in md
     assert "skipped: no cache" in offline_markdown({"skipped": "no cache"})
+    # the per-sample spread is preferred when stage 2 provides it
+    md = offline_markdown({**off, "acc_sample_std": [0.2, 0.3], "loss_sample_std": [0.6, 0.7]})
+    assert "| 1 | 0.2500 ± 0.3000 | 2.0000 ± 0.7000 |" in md and "std over samples" in md
 
 
 def _cfg(setup, **eval_over):

@@ -214,3 +214,26 @@ def test_split_is_seeded_and_disjoint():
 def test_simulated_tau_by_hand():
     assert simulated_tau([0.5, 0.5, 0.0]) == pytest.approx(1.75)
     assert simulated_tau([1.0] * 7) == pytest.approx(8.0)
+
+
+def test_held_out_split_follows_the_heads_own_record(monkeypatch):
+    """The offline table must score the samples the head never trained on, even when
+    the eval config's val_fraction differs from the one used in training."""
+    from pathlib import Path
+
+    import stage2_train.evaluate as ev
+    from schemas.config import load_config
+
+    monkeypatch.setattr(ev, "cache_id", lambda reader: "cache-A")
+    reader = type("FakeReader", (), {"root": Path("/nonexistent/cache"), "__len__": lambda self: 200})()
+    head_cfg = {"training": {"split": {"val_fraction": 0.1, "seed": 3, "cache_id": "cache-A"}}}
+    cfg = load_config(raw={"target": {"path": "x"}, "train": {"val_fraction": 0.05, "seed": 0}})
+    got = ev.resolve_split(reader, head_cfg, "val", cfg)
+    assert np.array_equal(got, split_indices(200, 0.1, 3)[1])
+    # another cache than the one trained on: every sample is held out
+    head_cfg["training"]["split"]["cache_id"] = "cache-B"
+    assert len(ev.resolve_split(reader, head_cfg, "val", cfg)) == 200
+    # no record: the config's split
+    assert np.array_equal(ev.resolve_split(reader, {}, "val", load_config(raw={"target": {"path": "x"},
+                          "extract": {"cache": "/nonexistent/cache"}, "train": {"val_fraction": 0.05}})),
+                          split_indices(200, 0.05, 0)[1])
