@@ -284,11 +284,13 @@ def cache_summary(cache: str | Path) -> Optional[dict]:
         tokens += int(info.get("tokens", 0))
         loss_tokens += int(info.get("loss_tokens", 0))
         raw += int(info.get("raw_bytes", 0))
-    disk = dir_bytes(c)
+    # Per-token figures count the shards only: target/ (the embedding matrix) is a
+    # fixed cost that would swamp them on a small cache.
+    shard_disk = sum(dir_bytes(c / "shards" / f"{k:05d}.zarr") for k in shards)
     return {"path": str(c), "shards": len(shards), "samples": samples, "tokens": tokens,
-            "loss_tokens": loss_tokens, "disk_bytes": disk, "raw_bytes": raw,
-            "bytes_per_token": disk / tokens if tokens else None,
-            "compression": raw / disk if disk else None}
+            "loss_tokens": loss_tokens, "disk_bytes": dir_bytes(c), "shard_bytes": shard_disk, "raw_bytes": raw,
+            "bytes_per_token": shard_disk / tokens if tokens else None,
+            "compression": raw / shard_disk if shard_disk else None}
 
 
 def summarize(cfg: RunConfig, records: list[StageRecord], wall: float) -> dict:
@@ -327,7 +329,8 @@ def format_summary(summary: dict) -> str:
             comp = f"{c['compression']:.2f}×" if c["compression"] else "–"
             lines += ["", f"{title}: {c['path']}: {c['shards']} shards, {c['samples']} samples, "
                           f"{c['tokens']:,} tokens ({c['loss_tokens']:,} loss-masked), {_mb(c['disk_bytes'])} on disk "
-                          f"({bpt} B/token, {comp} vs raw)"]
+                          f"(shards {_mb(c['shard_bytes'])}: {bpt} B/token, {comp} smaller than raw; "
+                          f"the rest is target/, mostly the embedding)"]
     rep = summary.get("report")
     if rep:
         from stage3_eval.report import markdown
