@@ -36,6 +36,7 @@ import numpy as np
 
 from schemas.cache import (
     CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
+    read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
 from stage1_extract.workers import Worker, resolve_worker
@@ -389,12 +390,7 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     """Create cache.json + target/ (first worker), or check an existing cache.json matches."""
     cj = root / CACHE_JSON
     if cj.is_file():
-        try:
-            have = json.loads(cj.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{cj}: not valid JSON ({e})") from None
-        if have.get("schema") != SCHEMA_ID:
-            raise CacheError(f"{cj}: schema '{have.get('schema')}' is not '{SCHEMA_ID}'; use another extract.cache")
+        have = read_cache_json(root)
         diffs = identity_differences(have, identity)
         if diffs:
             raise CacheError(f"refusing to extract into {root}: it was made with a different "

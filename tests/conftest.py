@@ -39,3 +39,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     from tiny import tiny_target
 
     return tiny_target(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 shared cores: intra-op threads only add spin-wait contention at tiny-model sizes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
