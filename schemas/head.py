@@ -2,6 +2,14 @@
 
 The layout is the one SGLang and vLLM load for EAGLE-3 heads. `embed_tokens` is
 never saved: the head borrows the target's embedding at serve time.
+
+Two config flavours, both loadable by stage 3 (`hf_layer_ids` reads either):
+* ours (train.output): `eagle_config.eagle_aux_hidden_state_layer_ids` are HF
+  `output_hidden_states` indices, `eagle_config.layer_id_convention` = "hf_hidden_states_index";
+* exported (`eagle3 export`, stage2_train.export): top-level ids = HF indices (vLLM),
+  `eagle_config` ids = HF - 1 (SGLang), `eagle_config.hf_hidden_states_layer_ids` = HF.
+Both carry `ttt_position_rule` = "t+k": TTT step k (draft depth k) is rotated at
+position t + k. Heads without it were trained with another rule and are refused.
 """
 from __future__ import annotations
 
@@ -35,9 +43,13 @@ WEIGHT_KEYS = (
 TARGET_FIELDS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-    "hidden_act", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias",
-    "mlp_bias", "tie_word_embeddings",
+    "hidden_act", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
 )
+
+# Rotary rule of the training-time-test unroll, recorded in every head's config.
+POSITION_RULE_KEY = "ttt_position_rule"
+POSITION_RULE = "t+k"
+HF_CONVENTION = "hf_hidden_states_index"
 
 
 class HeadError(RuntimeError):
@@ -58,6 +70,9 @@ def make_head_config(target_config: dict, *, draft_vocab_size: int, layer_ids: l
     cfg.setdefault("hidden_act", "silu")
     cfg.setdefault("rms_norm_eps", 1e-6)
     cfg["tie_word_embeddings"] = False
+    # Engines build biases from these flags (vLLM llama_eagle3.py reads attention_bias); the head has none.
+    cfg["attention_bias"] = False
+    cfg["mlp_bias"] = False
     cfg.update({
         "architectures": [ARCHITECTURE],
         "model_type": "llama",
@@ -66,7 +81,8 @@ def make_head_config(target_config: dict, *, draft_vocab_size: int, layer_ids: l
         "target_hidden_size": int(target_config["hidden_size"]),
         "target_model_type": target_config.get("model_type"),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids),
-                         "layer_id_convention": "hf_hidden_states_index"},
+                         "layer_id_convention": HF_CONVENTION},
+        POSITION_RULE_KEY: POSITION_RULE,
     })
     cfg.update(overrides or {})
     if training is not None:
@@ -106,3 +122,32 @@ def load_head(head_dir: str | Path) -> tuple[dict, dict]:
     if ARCHITECTURE not in config.get("architectures", []):
         raise HeadError(f"{d / HEAD_CONFIG}: architectures must include {ARCHITECTURE}")
     return config, tensors
+
+
+def hf_layer_ids(config: dict) -> list[int]:
+    """The head's aux layer ids as HF `output_hidden_states` indices, from either flavour."""
+    ec = config.get("eagle_config") or {}
+    if "hf_hidden_states_layer_ids" in ec:  # an exported head keeps the HF ids here
+        return [int(i) for i in ec["hf_hidden_states_layer_ids"]]
+    conv = ec.get("layer_id_convention", HF_CONVENTION)
+    if conv == HF_CONVENTION:
+        return [int(i) for i in ec.get("eagle_aux_hidden_state_layer_ids", [])]
+    raise HeadError(f"head layer ids use the '{conv}' convention and do not record the HF ids")
+
+
+def check_servable(config: dict, where: str) -> list[int]:
+    """Refuse a head stage 3 would draft with wrongly; returns its HF layer ids.
+
+    A head must record the rotary rule it was trained with (POSITION_RULE) and its
+    3 aux layer ids in a known convention.
+    """
+    rule = config.get(POSITION_RULE_KEY)
+    if rule != POSITION_RULE:
+        got = "has none" if rule is None else f"is {rule!r}"
+        raise HeadError(f"{where}: {POSITION_RULE_KEY} {got}; this version drafts TTT step k at position t + k "
+                        f"('{POSITION_RULE}', as SGLang and vLLM serve it). Heads trained before that rule rotated "
+                        f"every step at t: retrain the head (eagle3 train)")
+    ids = hf_layer_ids(config)
+    if len(ids) != 3:
+        raise HeadError(f"{where}: eagle_config.eagle_aux_hidden_state_layer_ids must list 3 layer ids, got {ids!r}")
+    return ids

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from schemas.cache import SHARD_JSON, CacheError, CacheReader, shard_name, shards_dir
-from schemas.head import HeadError, load_head
+from schemas.head import HeadError, hf_layer_ids, load_head  # noqa: F401 (hf_layer_ids re-exported)
 from stage2_train.data import BatchDataset, cropped_lengths, make_batches, split_indices, to_device
 from stage2_train.losses import simulated_tau, ttt_forward
 from stage2_train.model import Eagle3Draft
@@ -35,16 +35,6 @@ def cache_id(reader: CacheReader) -> str:
         cs = info.get("checksums", {})
         h.update(f"{k}:{cs.get('input_ids')}:{cs.get('loss_mask')};".encode())
     return h.hexdigest()[:16]
-
-
-def hf_layer_ids(config: dict) -> list[int]:
-    ec = config.get("eagle_config") or {}
-    if "hf_hidden_states_layer_ids" in ec:  # an exported head keeps the HF ids here
-        return list(ec["hf_hidden_states_layer_ids"])
-    conv = ec.get("layer_id_convention", "hf_hidden_states_index")
-    if conv == "hf_hidden_states_index":
-        return list(ec.get("eagle_aux_hidden_state_layer_ids", []))
-    raise HeadError(f"head layer ids use the '{conv}' convention and do not record the HF ids")
 
 
 def check_head_vs_cache(config: dict, reader: CacheReader, where: str = "head") -> None:

@@ -6,17 +6,20 @@ draft vocab. Two ways to run the layer:
 
 * `step`: inference with a KV cache and an optional explicit boolean mask (chain
   and tree drafting in stage 3);
-* `ttt_step`: the training-time-test unroll. Step k's query at position t attends
-  causally to the step-0 keys (positions <= t) and to its own position's keys of
-  steps 1..k. The diagonal part is computed as per-position dot products, so the
-  unroll costs O(T^2 + k T) rather than O((kT)^2).
+* `ttt_step`: the training-time-test unroll. Step k's query at row t is rotated at
+  position t + k and attends causally to the step-0 keys (positions <= t) and to
+  its own row's keys of steps 1..k (each rotated at t + j). The diagonal part is
+  per-position dot products, so the unroll costs O(T^2 + k T) rather than
+  O((kT)^2), and its memory is linear in T (stage2_train.ttt_attention).
+
+The head has no bias parameters whatever the target's config says: the EAGLE-3
+layout that SGLang and vLLM load has none (schemas.head forces the flags off).
 
 Norms, MLP and RoPE come from transformers' Llama modules, built from the head's
 config (itself derived from the target's config: rope theta/scaling, head dims).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,11 +28,14 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from stage2_train.ttt_attention import ttt_attention
+
 
 def _llama_config(cfg: dict) -> LlamaConfig:
     keep = {k: v for k, v in cfg.items() if k not in ("architectures", "eagle_config", "training")}
-    lc = LlamaConfig(**keep)
-    return lc
+    # No biases anywhere in the head (LlamaMLP reads mlp_bias), whatever an older config says.
+    keep.update(attention_bias=False, mlp_bias=False)
+    return LlamaConfig(**keep)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +55,10 @@ class Eagle3Attention(nn.Module):
         self.num_heads = lc.num_attention_heads
         self.num_kv = lc.num_key_value_heads
         self.head_dim = getattr(lc, "head_dim", None) or h // self.num_heads
-        bias = bool(getattr(lc, "attention_bias", False))
-        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = nn.Linear(2 * h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.num_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -179,37 +184,24 @@ class Eagle3Draft(nn.Module):
 
     # -- training ----------------------------------------------------------------------
     def ttt_step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 cache: list[tuple[torch.Tensor, torch.Tensor]],
-                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One step of the training-time-test unroll; appends this step's (k, v) to `cache`.
 
-        Step 0 (empty cache) is causal attention over its own keys. Step k >= 1 adds,
-        for each position t, the keys of position t from steps 1..k.
-        key_padding: bool [B, T], True where a row is real (batches of several samples).
+        position_ids [B, T] are the rows' own positions t. Step k = len(cache) rotates
+        row t at position t + k (POSITION_RULE: the draft token at depth k is served at
+        t + k by SGLang, vLLM and stage 3). Step 0 (empty cache) is causal attention over
+        its own keys; step k >= 1 adds, for each position t, the keys of position t from
+        steps 1..k (see stage2_train.ttt_attention: no T x T tensor is kept for backward).
+        Batches are right-padded: a real row never sees a padded key under the causal
+        mask, so padding needs no key mask (padded rows carry no loss).
         """
         layer, a = self.midlayer, self.midlayer.self_attn
         x = layer.attn_input(hidden, self.embed(input_ids))
-        cos, sin = self._rope(x, position_ids)
+        cos, sin = self._rope(x, position_ids + len(cache))
         q, k, v = a.qkv(x, cos, sin)
         cache.append((k, v))
-        k0, v0 = a._expand(cache[0][0]), a._expand(cache[0][1])
-        T = q.shape[2]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        s0 = torch.matmul(q, k0.transpose(-1, -2)) * scale  # [B, nh, T, T]
-        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        if key_padding is not None:
-            allowed = allowed[None, None] & key_padding[:, None, None, :]
-        s0 = s0.masked_fill(~allowed, torch.finfo(s0.dtype).min)
-        diag_k = [a._expand(kj) for kj, _ in cache[1:]]
-        diag_v = [a._expand(vj) for _, vj in cache[1:]]
-        if diag_k:
-            sd = torch.stack([(q * kj).sum(-1) for kj in diag_k], dim=-1) * scale  # [B, nh, T, k]
-            probs = torch.softmax(torch.cat((s0, sd), dim=-1).float(), dim=-1).to(q.dtype)
-            p0, pd = probs[..., :T], probs[..., T:]
-            o = torch.matmul(p0, v0) + sum(pd[..., j:j + 1] * vj for j, vj in enumerate(diag_v))
-        else:
-            probs = torch.softmax(s0.float(), dim=-1).to(q.dtype)
-            o = torch.matmul(probs, v0)
+        o = ttt_attention(q, a._expand(cache[0][0]), a._expand(cache[0][1]),
+                          [a._expand(kj) for kj, _ in cache[1:]], [a._expand(vj) for _, vj in cache[1:]])
         return layer.finish(hidden, a.out(o))
 
     def ttt_reference_mask(self, T: int, k: int) -> torch.Tensor:

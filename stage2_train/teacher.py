@@ -8,7 +8,7 @@ at index t reads
     embedding : x_{t+k+1}
     teacher   : cache row t+k+1   (the target's distribution over x_{t+k+2})
     counted   : loss_mask[t+k+2] == 1 (and, for the loss, the teacher's top-1 in the draft vocab)
-    position  : t for every k
+    position  : t + k (rotary; applied by the model's ttt_step, schemas.head.POSITION_RULE)
 
 `step_view` is the only function that applies these offsets; everything else
 (trainer, evaluation, benchmarks) goes through it.

@@ -6,10 +6,10 @@ newly accepted index (features from the target's verification pass), so the
 persistent cache only ever holds step-0 keys of accepted tokens, as in training.
 Tree drafting (`expand`) keeps its keys in a scratch cache dropped after the cycle.
 
-Positions: by default every drafted node uses the position of the last committed
-index, exactly as the training-time-test unroll does (DESIGN.md: "position ids stay
-t for every TTT step"); `positions="increment"` gives node depth d position t + d
-(the EAGLE reference's inference rule) for comparison.
+Positions (DESIGN.md section 3, schemas.head.POSITION_RULE): a drafted node at depth
+d is rotated at position t + d, t the last committed index, exactly as TTT step d of
+training and as SGLang/vLLM serve the head. There is no other mode; `load_draft`
+refuses heads whose config does not record that rule.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from schemas.head import HeadError, load_head
+from schemas.head import HeadError, check_servable, hf_layer_ids, load_head
 from stage2_train.model import Eagle3Draft
 
 
@@ -34,10 +34,7 @@ def load_draft(head_dir: str | Path, target_model, *, device=None, dtype=None) -
         got = config.get(key, config.get("hidden_size") if key == "target_hidden_size" else None)
         if got is not None and int(got) != int(want):
             raise HeadError(f"{Path(head_dir) / 'config.json'}: {key} {got} does not match the target's {want}")
-    layer_ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    if not layer_ids or len(layer_ids) != 3:
-        raise HeadError(f"{Path(head_dir) / 'config.json'}: eagle_config.eagle_aux_hidden_state_layer_ids "
-                        f"must list 3 layer ids, got {layer_ids!r}")
+    layer_ids = check_servable(config, str(Path(head_dir) / "config.json"))  # rule + HF ids, either flavour
     L = int(tcfg.num_hidden_layers)
     if any(not 0 <= int(i) <= L for i in layer_ids):
         raise HeadError(f"{Path(head_dir) / 'config.json'}: layer ids {layer_ids} outside 0..{L} "
@@ -54,17 +51,15 @@ def load_draft(head_dir: str | Path, target_model, *, device=None, dtype=None) -
 
 
 def head_layer_ids(model: Eagle3Draft) -> list[int]:
-    return [int(i) for i in model.config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    """HF hidden_states indices the target must capture (our heads and exported ones)."""
+    return hf_layer_ids(model.config)
 
 
 class DraftRunner:
     """Implements the drafter interface used by tree.build_tree and spec_decode."""
 
-    def __init__(self, model: Eagle3Draft, positions: str = "fixed"):
-        if positions not in ("fixed", "increment"):
-            raise ValueError(f"positions must be 'fixed' or 'increment', got {positions!r}")
+    def __init__(self, model: Eagle3Draft):
         self.model = model
-        self.positions = positions
         self.vocab_size = int(model.lm_head.weight.shape[0])
         self.target_vocab = int(model.t2d.numel())
         self.device = model.fc.weight.device
@@ -126,10 +121,7 @@ class DraftRunner:
         F_ = int(frontier.numel())
         hidden_in = self._hid[build.parents[frontier] + 1][None]        # parents' outputs
         ids = build.tokens[frontier].to(self.device)[None]
-        if self.positions == "fixed":
-            pos = torch.full((1, F_), self.last_pos, dtype=torch.long, device=self.device)
-        else:
-            pos = (self.last_pos + build.depth[frontier]).to(self.device)[None]
+        pos = (self.last_pos + build.depth[frontier]).to(self.device)[None]  # depth d at t + d
         S = self.cache_len
         slots = torch.cat(self._slots) if self._slots else torch.zeros(0, dtype=torch.long)
         anc = build.anc[frontier]

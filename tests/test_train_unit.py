@@ -86,8 +86,8 @@ def test_ttt_forward_feeds_the_right_hidden_and_ids():
     seen = []
     orig = m.ttt_step
 
-    def spy(hidden, input_ids, position_ids, cache, key_padding=None):
-        o = orig(hidden, input_ids, position_ids, cache, key_padding=key_padding)
+    def spy(hidden, input_ids, position_ids, cache):
+        o = orig(hidden, input_ids, position_ids, cache)
         seen.append((hidden.detach().clone(), input_ids.clone(), position_ids.clone(), o.detach().clone()))
         return o
 
@@ -96,7 +96,7 @@ def test_ttt_forward_feeds_the_right_hidden_and_ids():
     assert torch.equal(seen[0][0], m.fuse(b["hidden"]).detach())
     for k in range(3):
         assert seen[k][1][0].tolist() == EXPECTED[k]["ids"]
-        assert seen[k][2][0].tolist() == [0, 1, 2, 3, 4, 5]          # positions stay t at every step
+        assert seen[k][2][0].tolist() == [0, 1, 2, 3, 4, 5]          # rows' own t (ttt_step adds k)
         if k:
             assert torch.equal(seen[k][0], seen[k - 1][3])
     # counts: loss positions and accuracy denominators per step, from the hand-written table
@@ -146,7 +146,7 @@ def test_ttt_step_matches_explicit_masked_softmax():
         outs.append(h)
     for k in range(S):
         x = layer.attn_input(ins[k], m.embed(ids[k]))
-        cos, sin = m._rope(x, pos)
+        cos, sin = m._rope(x, pos + k)  # step k at t + k
         qkvs.append(a.qkv(x, cos, sin))
         q = qkvs[k][0]
         keys = torch.cat([a._expand(qkvs[j][1]) for j in range(k + 1)], dim=2)    # [B, nh, (k+1)T, d]

@@ -133,8 +133,8 @@ def test_draft_tree_attention_equals_sequential_chain(tiny_llama_dir):
     lg_tree, path = captured[deep]
     with torch.no_grad():
         past, h = dr.past, dr.root_hidden[None, None]
-        for tokn in path:  # chain: one node at a time, default causal mask, fixed positions
-            h, past = head.step(h, torch.tensor([[tokn]]), torch.tensor([[5]]), past=past)
+        for d, tokn in enumerate(path, start=1):  # chain: one node at a time, default causal mask, t + d
+            h, past = head.step(h, torch.tensor([[tokn]]), torch.tensor([[5 + d]]), past=past)
         torch.testing.assert_close(head.logits(h[0, -1]), lg_tree, atol=1e-5, rtol=1e-5)
     assert t.size > 3
 
