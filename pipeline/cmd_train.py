@@ -37,10 +37,11 @@ def register(app: typer.Typer) -> None:
     def export(
         head: str = typer.Argument(..., help="trained head directory (config.json + model.safetensors)"),
         out_dir: str = typer.Argument(..., metavar="OUT", help="directory to write"),
-        to: str = typer.Option(..., "--to", help="serving engine: sglang or vllm"),
+        to: Optional[str] = typer.Option(None, "--to", help="deprecated: the export serves both SGLang and vLLM; "
+                                         "'sglang' and 'vllm' are accepted and give the same directory"),
         dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
     ):
-        """Write HEAD as a checkpoint for an engine, in the engine's layer-id convention."""
+        """Write HEAD as a checkpoint that SGLang and vLLM both serve (layer ids for each engine)."""
         _register_errors()
         _export(head, to, out_dir, dtype)
 
@@ -58,8 +59,10 @@ def _train(config: str, overrides, restart: bool, progress: bool) -> None:
 
 
 @user_errors
-def _export(head: str, to: str, out_dir: str, dtype: str) -> None:
+def _export(head: str, to: Optional[str], out_dir: str, dtype: str) -> None:
     from stage2_train.export import export_head
 
-    p = export_head(head, to.lower(), out_dir, dtype=dtype)
-    out.print(f"exported {head} for {to} to {p}")
+    p = export_head(head, to.lower() if to else None, out_dir, dtype=dtype)
+    if to:
+        out.print(f"note: --to {to} is no longer needed: the export is the same for SGLang and vLLM")
+    out.print(f"exported {head} to {p} (serves in SGLang and vLLM)")

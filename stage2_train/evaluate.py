@@ -1,6 +1,7 @@
 """Offline metrics of a head on cached data: per-position acc/loss (mean ± std) and simulated τ.
 
-Definitions (DESIGN.md section 3, the same code as training: stage2_train.losses):
+Definitions (DESIGN.md section 3, the same code as training: stage2_train.losses, TTT
+step k rotated at t + k; heads that do not record that rule are refused):
 * acc[k]  = draft top-1 == target top-1 / loss-masked positions, over all tokens;
   acc_std[k] = its token-level std sqrt(acc (1 - acc)); acc_sample_std[k] = std over
   samples of the per-sample accuracy (samples with at least one counted position).
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from schemas.cache import SHARD_JSON, CacheError, CacheReader, shard_name, shards_dir
-from schemas.head import HeadError, hf_layer_ids, load_head  # noqa: F401 (hf_layer_ids re-exported)
+from schemas.head import HeadError, check_servable, hf_layer_ids, load_head  # noqa: F401 (hf_layer_ids re-exported)
 from stage2_train.data import BatchDataset, cropped_lengths, make_batches, split_indices, to_device
 from stage2_train.losses import simulated_tau, ttt_forward
 from stage2_train.model import Eagle3Draft
@@ -52,6 +53,7 @@ def check_head_vs_cache(config: dict, reader: CacheReader, where: str = "head") 
 
 def load_model(head_dir: str | Path, reader: CacheReader, device=None) -> Eagle3Draft:
     config, tensors = load_head(head_dir)
+    check_servable(config, str(Path(head_dir) / "config.json"))  # metrics use the t + k rule: refuse older heads
     check_head_vs_cache(config, reader, where=f"head {head_dir}")
     model = Eagle3Draft(config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

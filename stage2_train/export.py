@@ -1,14 +1,27 @@
-"""Writing the head directory (DESIGN.md section 5) and exporting it for a serving engine.
+"""Writing the head directory (DESIGN.md section 5) and exporting it for SGLang and vLLM.
+
+One export serves both engines (there is no engine-specific variant to mix up).
 
 Layer ids. Our heads record HF `output_hidden_states` indices: index i is the output
 of decoder layer i-1, i.e. the residual stream *entering* decoder layer i.
-* vLLM captures `hidden_states + residual` before decoder layer `idx` for every
-  idx in `eagle_aux_hidden_state_layer_ids` (read from the top level of the draft's
-  config): an id is a layer *input*, so vLLM id = HF index, valid for 0..L-1.
-* SGLang reads `eagle_config.eagle_aux_hidden_state_layer_ids`, treats explicit ids
-  as layer *outputs* and captures before layer `id + 1`: SGLang id = HF index - 1,
-  valid for HF indices 1..L-1.
-HF index L (the last layer's output) cannot be captured by either engine.
+* vLLM (0.32.0, vllm/v1/worker/gpu_model_runner.py:5268 and
+  vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py:106) reads the TOP-LEVEL
+  `eagle_aux_hidden_state_layer_ids` of the draft's config first, and only when it is
+  absent falls back to `eagle_config.eagle_aux_hidden_state_layer_ids` taken as is
+  (gpu_model_runner.py:5280). Its Llama records `hidden_states + residual` after
+  decoder layer idx under id idx + 1 (vllm/model_executor/models/llama.py:436-441,
+  interfaces.py:1601-1611): vLLM id = HF index.
+* SGLang reads only `eagle_config.eagle_aux_hidden_state_layer_ids` and captures
+  before layer id + 1 (python/sglang/srt/models/llama.py, `set_eagle3_layers_to_capture`:
+  `layers_to_capture = [val + 1 for val in layer_ids]`; `LlamaModel.forward` appends
+  `hidden_states + residual` before layer i when i is in layers_to_capture):
+  SGLang id = HF index - 1.
+So the export writes top-level ids = HF indices and `eagle_config` ids = HF - 1, and
+keeps the HF ids in `eagle_config.hf_hidden_states_layer_ids` for stage 3. HF index 0
+(the embeddings) cannot be captured by SGLang, and HF index L (after the final norm)
+by neither engine: the export refuses such heads rather than write ids one engine misreads.
+Both engines build q/k/v/o biases from `attention_bias` (vLLM llama_eagle3.py:84-93):
+the export writes attention_bias/mlp_bias false, matching the bias-free weights.
 """
 from __future__ import annotations
 
@@ -17,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.head import ARCHITECTURE, WEIGHT_KEYS, HeadError, load_head, save_head
-from stage2_train.evaluate import hf_layer_ids
+from schemas.head import ARCHITECTURE, WEIGHT_KEYS, HeadError, check_servable, hf_layer_ids, load_head, save_head
 
 ENGINES = ("sglang", "vllm")
+EXPORT_CONVENTION = "sglang_layer_output_index (captured before layer id+1); top-level ids: HF index (vLLM)"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -49,6 +62,23 @@ def engine_layer_ids(hf_ids: list[int], engine: str, num_layers: int | None) -> 
             raise HeadError(f"layer id {i} (HF hidden_states index) cannot be captured by {engine}: "
                             f"it captures HF indices {rng} for this target ({num_layers} layers)")
     return [i - 1 for i in hf_ids] if engine == "sglang" else list(hf_ids)
+
+
+def export_config(config: dict, *, dtype: str, source: str) -> dict:
+    """The config both engines read: vLLM's top-level ids, SGLang's eagle_config ids, our HF ids."""
+    hf_ids = check_servable(config, source)
+    n_layers = config.get("target_num_hidden_layers")
+    ids = {engine: engine_layer_ids(hf_ids, engine, n_layers) for engine in ENGINES}
+    cfg = copy.deepcopy(config)
+    cfg.update(architectures=[ARCHITECTURE], torch_dtype=dtype, attention_bias=False, mlp_bias=False)
+    cfg["eagle_aux_hidden_state_layer_ids"] = ids["vllm"]
+    cfg["eagle_config"] = {**(cfg.get("eagle_config") or {}),
+                           "eagle_aux_hidden_state_layer_ids": ids["sglang"],
+                           "layer_id_convention": EXPORT_CONVENTION,
+                           "hf_hidden_states_layer_ids": hf_ids}
+    cfg["export"] = {"from": source, "engines": list(ENGINES), "hf_hidden_states_layer_ids": hf_ids,
+                     "vllm_layer_ids": ids["vllm"], "sglang_layer_ids": ids["sglang"]}
+    return cfg
 
 
 def check_tensors(tensors: dict, config: dict, where: str) -> None:
@@ -88,34 +118,29 @@ def check_tensors(tensors: dict, config: dict, where: str) -> None:
         raise HeadError(f"{where}: t2d marks {int(tensors['t2d'].sum())} tokens but draft_vocab_size is {N}")
 
 
-def export_head(head_dir: str | Path, engine: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
-    """Write a copy of the head with the engine's layer-id convention and dtype; check what was written."""
+def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
+    """Write a copy of the head that SGLang and vLLM both load correctly; check what was written.
+
+    `engine` is accepted for compatibility ("sglang", "vllm" or None): the export is the
+    same for every value, so an export made "for" one engine is right in the other.
+    """
+    if engine is not None and engine not in ENGINES:
+        raise HeadError(f"export: unknown engine '{engine}' (choose from {', '.join(ENGINES)}, or leave it out: "
+                        "one export serves both)")
     config, tensors = load_head(head_dir)
     check_tensors(tensors, config, str(head_dir))
     if Path(out_dir).resolve() == Path(head_dir).resolve():
         raise HeadError("export: OUT must differ from the head directory")
     if dtype not in DTYPES:
         raise HeadError(f"export: dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    hf_ids = hf_layer_ids(config)
-    ids = engine_layer_ids(hf_ids, engine, config.get("target_num_hidden_layers"))
-    cfg = copy.deepcopy(config)
-    cfg["architectures"] = [ARCHITECTURE]
-    cfg["torch_dtype"] = dtype
-    conv = "layer_output_index (captured before layer id+1)" if engine == "sglang" else \
-        "layer_input_index (captured before layer id)"
-    cfg["eagle_config"] = {**(cfg.get("eagle_config") or {}), "eagle_aux_hidden_state_layer_ids": ids,
-                           "layer_id_convention": f"{engine}:{conv}", "hf_hidden_states_layer_ids": hf_ids}
-    if engine == "vllm":
-        cfg["eagle_aux_hidden_state_layer_ids"] = ids  # vLLM reads the top-level field
-    else:
-        cfg.pop("eagle_aux_hidden_state_layer_ids", None)
-    cfg["export"] = {"engine": engine, "from": str(head_dir), "hf_hidden_states_layer_ids": hf_ids,
-                     "engine_layer_ids": ids}
+    cfg = export_config(config, dtype=dtype, source=str(Path(head_dir) / "config.json"))
     out_t = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in tensors.items()}
     save_head(out_dir, out_t, cfg)
-    # Read back what was written: layout, shapes and ids.
+    # Read back what was written: layout, shapes, both id fields and the HF ids stage 3 uses.
     c2, t2 = load_head(out_dir)
     check_tensors(t2, c2, str(out_dir))
-    if c2["eagle_config"]["eagle_aux_hidden_state_layer_ids"] != ids:
-        raise HeadError(f"{out_dir}: layer ids were not written as {ids}")
+    hf = cfg["eagle_config"]["hf_hidden_states_layer_ids"]
+    if (c2["eagle_aux_hidden_state_layer_ids"] != hf or hf_layer_ids(c2) != hf
+            or c2["eagle_config"]["eagle_aux_hidden_state_layer_ids"] != [i - 1 for i in hf]):
+        raise HeadError(f"{out_dir}: layer ids were not written as HF {hf} / SGLang {[i - 1 for i in hf]}")
     return Path(out_dir)

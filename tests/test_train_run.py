@@ -156,8 +156,10 @@ def test_export_round_trip(trained, cache, tmp_path):
     assert set(t_sg) == set(WEIGHT_KEYS) == set(t_vl)
     assert t_vl["fc.weight"].dtype == torch.bfloat16 and t_vl["d2t"].dtype == torch.int64
     # HF index i = input of decoder layer i: vLLM takes it as is; SGLang adds one, so it gets i - 1
-    assert c_vl["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3] == c_vl["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
-    assert c_sg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]
+    # one export for both engines: top-level (vLLM) = HF ids, eagle_config (SGLang) = HF - 1
+    assert c_vl["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3] == c_sg["eagle_aux_hidden_state_layer_ids"]
+    assert c_sg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2] == \
+        c_vl["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
     assert c_sg["eagle_config"]["hf_hidden_states_layer_ids"] == [2, 3, 3] and "training" in c_sg
     assert engine_layer_ids([2, 15, 27], "sglang", 30) == [1, 14, 26]
     with pytest.raises(HeadError, match="layer id 0 .* cannot be captured by sglang"):
