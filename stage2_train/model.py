@@ -135,6 +135,19 @@ class Eagle3Draft(nn.Module):
         sd = self.state_dict()
         return {k: v for k, v in sd.items() if not k.startswith(("embed_tokens.", "rotary."))}
 
+    def rotary_buffers(self) -> dict[str, torch.Tensor]:
+        """fp32 copies of every float buffer of the rotary module (inv_freq, and the
+        original_inv_freq that longrope/dynamic scaling recompute inv_freq from)."""
+        return {n: b.detach().clone().float() for n, b in self.rotary.named_buffers() if b.is_floating_point()}
+
+    def restore_rotary_buffers(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back `rotary_buffers()` copies (in fp32, on the buffers' device) after a
+        mixed-precision wrapper cast them: RoPE frequencies must stay exact."""
+        for name, value in saved.items():
+            mod_name, _, buf = name.rpartition(".")
+            mod = self.rotary.get_submodule(mod_name) if mod_name else self.rotary
+            mod._buffers[buf] = value.to(mod._buffers[buf].device)
+
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

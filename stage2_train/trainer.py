@@ -364,15 +364,16 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
                          f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
     model.set_embedding(emb)
     model.set_vocab_map(torch.from_numpy(plan.vocab.d2t), torch.from_numpy(plan.vocab.t2d))
-    inv_freq = model.rotary.inv_freq.detach().clone()
+    rotary = model.rotary_buffers()  # W5: every rotary buffer, not only inv_freq (longrope reads original_inv_freq)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     warmup = int(math.ceil(tc.warmup_ratio * plan.total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, plan.total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    # DeepSpeed casts every float buffer to bf16/fp16; RoPE frequencies must stay exact.
-    engine.module.rotary.inv_freq = inv_freq.to(device)
+    # DeepSpeed may cast float buffers to bf16/fp16 (data_types.buffer_dtype; older versions cast them all);
+    # RoPE frequencies must stay exact.
+    engine.module.restore_rotary_buffers(rotary)
     dtype = ds_dtype(ds)
     zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
 

@@ -248,9 +248,19 @@ def test_chain_draft_logits_equal_ttt_unroll_steps(tiny_llama_dir):
         return lg
 
     dr.expand = spy
+    seen_pos = []
+    step = head.step
+
+    def step_spy(hidden, input_ids, position_ids, **kw):
+        seen_pos.append(position_ids.flatten().tolist())
+        return step(hidden, input_ids, position_ids, **kw)
+
+    head.step = step_spy
     depth = 3
     build_tree(dr, top_k=1, depth=depth, total_tokens=depth)
+    head.step = step
     assert sorted(captured) == list(range(1, depth))  # the last node is drafted, not expanded
+    assert seen_pos == [[T - 1 + d] for d in range(1, depth)]  # depth d at t + d, t = last accepted index
     # TTT inputs: step 0 reads x_{t+1}; step d's last row reads the chain token at depth d
     step_ids = [ids[1:][None]]
     for d in range(1, depth):
