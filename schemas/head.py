@@ -84,6 +84,10 @@ def make_head_config(target_config: dict, *, draft_vocab_size: int, layer_ids: l
                          "layer_id_convention": HF_CONVENTION},
         POSITION_RULE_KEY: POSITION_RULE,
     })
+    for flag in ("attention_bias", "mlp_bias"):
+        if (overrides or {}).get(flag):
+            raise HeadError(f"model override {flag}: true is not supported: EAGLE-3 heads have no biases "
+                            "(SGLang and vLLM load none)")
     cfg.update(overrides or {})
     if training is not None:
         cfg["training"] = training

@@ -314,6 +314,8 @@ def test_head_has_no_biases_even_when_the_target_has_them(tmp_path):
     target = {**TARGET_CFG, "attention_bias": True, "mlp_bias": True}
     cfg = make_head_config(target, draft_vocab_size=16, layer_ids=[2, 3, 4])
     assert cfg["attention_bias"] is False and cfg["mlp_bias"] is False
+    with pytest.raises(HeadError, match="model override attention_bias: true is not supported"):
+        make_head_config(target, draft_vocab_size=16, layer_ids=[2, 3, 4], overrides={"attention_bias": True})
     m = tiny_head(target=target)
     assert not [n for n, _ in m.named_parameters() if "bias" in n]
     # an older config that still says true builds no biases either
