@@ -7,7 +7,7 @@ case and reports
 * peak: the process's peak RSS growth during forward + backward (VmHWM after
   /proc/self/clear_refs, minus RSS before), i.e. kept + transient blocks.
 and extrapolates `kept` to a target scale (default T=4096, hidden 4096, 32 heads,
-draft vocab 32000, 7 steps, bf16 = 2 bytes) kind by kind: scores scale with
+draft vocab 32000, 7 steps, MLP 3.5 x hidden as Llama-3-8B, bf16 = 2 bytes) kind by kind: scores scale with
 heads x T^2, logits with N x T, the rest with hidden x T (x 1/2 for bf16 activations,
 the fp32 softmax/logit copies stay fp32: we keep the measured fp32 bytes as an upper bound).
 
@@ -73,7 +73,7 @@ def run_case(args) -> dict:
     h = args.heads * args.head_dim
     V = args.vocab + 16
     target = {"hidden_size": h, "num_attention_heads": args.heads, "num_key_value_heads": args.heads,
-              "head_dim": args.head_dim, "intermediate_size": 2 * h, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "head_dim": args.head_dim, "intermediate_size": int(3.5 * h), "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
               "max_position_embeddings": args.T + 16, "vocab_size": V, "hidden_act": "silu", "model_type": "llama"}
     m = Eagle3Draft(make_head_config(target, draft_vocab_size=args.vocab, layer_ids=[1, 2, 3]), torch.randn(V, h))
     m.set_vocab_map(torch.zeros(args.vocab, dtype=torch.long),
@@ -106,15 +106,19 @@ def run_case(args) -> dict:
         return t
 
     chunk = args.loss_chunk if args.impl == "linear" else 1 << 40
+    import time
+
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ttt_forward(m, batch, args.steps, loss_chunk_tokens=chunk)
     out.loss.backward()
+    wall = time.perf_counter() - t0
     peak = _rss("VmHWM") - before
     by_kind = {k: sum(b for b, kk in kept.values() if kk == k) for k in ("scores", "logits", "other")}
     return {"impl": args.impl, "kept": by_kind, "kept_total": sum(by_kind.values()), "peak_rss": peak,
-            "loss": float(out.loss)}
+            "loss": float(out.loss.detach()), "wall_s": wall}
 
 
 def extrapolate(r: dict, a, full: dict) -> float:
@@ -158,7 +162,7 @@ def main() -> None:
         print(f"{impl:>6}: kept for backward {r['kept_total'] / 2**20:8.1f} MiB "
               f"(scores {r['kept']['scores'] / 2**20:.1f}, logits {r['kept']['logits'] / 2**20:.1f}, "
               f"other {r['kept']['other'] / 2**20:.1f}); peak RSS growth {r['peak_rss'] / 2**20:8.1f} MiB; "
-              f"loss {r['loss']:.6f}; kept at T=4096 h=4096 32 heads N=32000: "
+              f"loss {r['loss']:.6f}; fwd+bwd {r['wall_s']:.2f} s (1 thread, with hooks); kept at T=4096 h=4096 32 heads N=32000: "
               f"{extrapolate(r, a, full) / gib:.1f} GiB")
 
 
