@@ -37,13 +37,17 @@ def register(app: typer.Typer) -> None:
     def export(
         head: str = typer.Argument(..., help="trained head directory (config.json + model.safetensors)"),
         out_dir: str = typer.Argument(..., metavar="OUT", help="directory to write"),
-        to: Optional[str] = typer.Option(None, "--to", help="deprecated: the export serves both SGLang and vLLM; "
-                                         "'sglang' and 'vllm' are accepted and give the same directory"),
+        to: Optional[str] = typer.Option(None, "--to", help="leave out: the export serves both SGLang and vLLM "
+                                         "('sglang'/'vllm' are accepted and give the same directory); "
+                                         "'speculators': the speculators library's layout, for vLLM only"),
         dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+        verifier: Optional[str] = typer.Option(None, "--verifier", help="--to speculators: the target model "
+                                               "(path or hub id) that `vllm serve OUT` will run"),
+        speculative_tokens: int = typer.Option(3, "--speculative-tokens", help="--to speculators: tokens per draft"),
     ):
         """Write HEAD as a checkpoint that SGLang and vLLM both serve (layer ids for each engine)."""
         _register_errors()
-        _export(head, to, out_dir, dtype)
+        _export(head, to, out_dir, dtype, verifier, speculative_tokens)
 
 
 @user_errors
@@ -59,10 +63,15 @@ def _train(config: str, overrides, restart: bool, progress: bool) -> None:
 
 
 @user_errors
-def _export(head: str, to: Optional[str], out_dir: str, dtype: str) -> None:
+def _export(head: str, to: Optional[str], out_dir: str, dtype: str, verifier: Optional[str],
+            speculative_tokens: int) -> None:
     from stage2_train.export import export_head
 
-    p = export_head(head, to.lower() if to else None, out_dir, dtype=dtype)
+    to = to.lower() if to else None
+    p = export_head(head, to, out_dir, dtype=dtype, verifier=verifier, speculative_tokens=speculative_tokens)
+    if to == "speculators":
+        out.print(f"exported {head} to {p} in the speculators layout (vLLM: `vllm serve {p}` runs {verifier})")
+        return
     if to:
         out.print(f"note: --to {to} is no longer needed: the export is the same for SGLang and vLLM")
     out.print(f"exported {head} to {p} (serves in SGLang and vLLM)")

@@ -118,15 +118,22 @@ def check_tensors(tensors: dict, config: dict, where: str) -> None:
         raise HeadError(f"{where}: t2d marks {int(tensors['t2d'].sum())} tokens but draft_vocab_size is {N}")
 
 
-def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
+def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *, dtype: str = "bfloat16",
+                verifier: str | None = None, speculative_tokens: int = 3) -> Path:
     """Write a copy of the head that SGLang and vLLM both load correctly; check what was written.
 
     `engine` is accepted for compatibility ("sglang", "vllm" or None): the export is the
     same for every value, so an export made "for" one engine is right in the other.
+    "speculators" writes the speculators library's layout instead (vLLM only; needs
+    `verifier`, the target vLLM serves): stage2_train.export_speculators.
     """
-    if engine is not None and engine not in ENGINES:
-        raise HeadError(f"export: unknown engine '{engine}' (choose from {', '.join(ENGINES)}, or leave it out: "
-                        "one export serves both)")
+    if engine is not None and engine not in ENGINES + ("speculators",):
+        raise HeadError(f"export: unknown engine '{engine}' (choose from {', '.join(ENGINES)}, speculators, or "
+                        "leave it out: one export serves both engines)")
+    if engine == "speculators":
+        from stage2_train.export_speculators import check_options
+
+        check_options(verifier, speculative_tokens)  # before anything is written
     config, tensors = load_head(head_dir)
     check_tensors(tensors, config, str(head_dir))
     if Path(out_dir).resolve() == Path(head_dir).resolve():
@@ -143,4 +150,8 @@ def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *
     if (c2["eagle_aux_hidden_state_layer_ids"] != hf or hf_layer_ids(c2) != hf
             or c2["eagle_config"]["eagle_aux_hidden_state_layer_ids"] != [i - 1 for i in hf]):
         raise HeadError(f"{out_dir}: layer ids were not written as HF {hf} / SGLang {[i - 1 for i in hf]}")
+    if engine == "speculators":
+        from stage2_train.export_speculators import to_speculators
+
+        to_speculators(out_dir, verifier=str(verifier), speculative_tokens=speculative_tokens)
     return Path(out_dir)

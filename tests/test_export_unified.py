@@ -106,3 +106,42 @@ def test_vllm_reads_the_hf_ids_from_the_export(head_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     hf = json.loads((out / "config.json").read_text())["eagle_config"]["hf_hidden_states_layer_ids"]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == hf
+
+
+def test_speculators_layout(head_dir, tmp_path):
+    out = export_head(head_dir, "speculators", tmp_path / "s", verifier="path/to/target", speculative_tokens=4)
+    cfg = json.loads((out / "config.json").read_text())
+    hf = cfg["export"]["hf_hidden_states_layer_ids"]
+    assert cfg["architectures"] == ["Eagle3Speculator"] and cfg["speculators_model_type"] == "eagle3"
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == hf and cfg["norm_before_residual"] is False
+    assert cfg["speculators_config"]["verifier"]["name_or_path"] == "path/to/target"
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    layer = cfg["transformer_layer_config"]
+    assert layer["model_type"] == "llama" and "eagle_config" not in layer and layer["attention_bias"] is False
+    with pytest.raises(HeadError, match="needs --verifier"):
+        export_head(head_dir, "speculators", tmp_path / "s2")
+    assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK), reason=f"no vLLM venv at {VLLM_PYTHON}")
+def test_vllm_parses_the_speculators_export(head_dir, tmp_path):
+    """vLLM's own speculators config reader: drafter config, aux ids, speculative config, verifier."""
+    out = export_head(head_dir, "speculators", tmp_path / "s", verifier="path/to/target", speculative_tokens=4)
+    script = (
+        "import sys, json\n"
+        "from vllm.transformers_utils.configs.speculators.base import SpeculatorsConfig\n"
+        "d = sys.argv[1]\n"
+        "c = SpeculatorsConfig.from_pretrained(d)\n"
+        "raw = json.load(open(d + '/config.json'))\n"
+        "spec = SpeculatorsConfig.extract_vllm_speculative_config(raw)\n"
+        "print(json.dumps({'ids': list(c.eagle_aux_hidden_state_layer_ids), 'arch': c.architectures,\n"
+        "                  'nbr': c.norm_before_residual, 'n': c.draft_vocab_size, 'spec': spec,\n"
+        "                  'hidden': c.hidden_size, 'target_hidden': c.target_hidden_size}))\n")
+    p = subprocess.run([VLLM_PYTHON, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    cfg = json.loads((out / "config.json").read_text())
+    assert got["ids"] == cfg["export"]["hf_hidden_states_layer_ids"] and got["nbr"] is False
+    assert got["arch"] == ["Eagle3LlamaForCausalLM"] and got["n"] == cfg["draft_vocab_size"]
+    assert got["spec"] == {"method": "eagle3", "num_speculative_tokens": 4}
+    assert got["hidden"] == cfg["transformer_layer_config"]["hidden_size"]
