@@ -111,9 +111,16 @@ def _inputs(B=2, T=9, S=4, seed=1):
     return hidden, [torch.randint(0, 200, (B, T), generator=g) for _ in range(S)]
 
 
-def test_ttt_steps_and_gradients_match_reference_at_t_plus_k():
+@pytest.mark.parametrize("block_rows", [None, 2])   # one score block, or blocks of 2 query rows (T = 9)
+def test_ttt_steps_and_gradients_match_reference_at_t_plus_k(block_rows, monkeypatch):
+    import stage2_train.ttt_attention as ta
+
     m = tiny_head().double()
     hidden, ids = _inputs()
+    if block_rows:
+        B, T = hidden.shape[:2]
+        monkeypatch.setattr(ta, "SCORE_BLOCK_ELEMENTS", B * m.midlayer.self_attn.num_heads * T * block_rows)
+        assert ta._chunk_rows(torch.zeros(B, m.midlayer.self_attn.num_heads, T, 8)) == block_rows
     weights = [torch.randn_like(hidden) for _ in ids]
     results = []
     for fn in (model_unroll, reference_unroll):
