@@ -266,6 +266,17 @@ def register() -> None:
     AutoModelForCausalLM.register(MiniCPM4Config, MiniCPM4ForCausalLM, exist_ok=True)
 
 
+def unregister() -> None:
+    """Undo register(): transformers prefers a registered non-library class over a checkpoint's
+    remote code even with trust_remote_code=True, so a remote-code load must not see it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    CONFIG_MAPPING._extra_content.pop(MODEL_TYPE, None)
+    for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
+        mapping._extra_content.pop(MiniCPM4Config, None)
+
+
 def warn_notes(notes: list[str]) -> None:
     for n in notes:
         warnings.warn(n, stacklevel=3)
@@ -283,7 +294,10 @@ def prepare_load(hf_dir, trust_remote_code: bool) -> bool:
         d = json.loads(f.read_text())
     except (OSError, ValueError):
         return False  # the loader reports unreadable configs itself
-    if d.get("model_type") != MODEL_TYPE or trust_remote_code:
+    if d.get("model_type") != MODEL_TYPE:
+        return False
+    if trust_remote_code and d.get("auto_map"):
+        unregister()
         return False
     warn_notes(check_config_dict(d, where=str(f)))
     register()
