@@ -55,7 +55,7 @@ def test_pipeline_on_tiny_minicpm4(mc4_dir, tmp_path, one_thread):
     r = CacheReader(cfg.extract.cache)
     assert r.meta["layers"] == [2, LAYERS // 2, LAYERS - 3]
     assert float(r.meta["embed_scale"]) == 12.0
-    assert r.meta["hidden_size"] == 64
+    assert r.meta["target"]["hidden_size"] == 64 and r.meta["target"]["num_hidden_layers"] == LAYERS
 
     rep = json.loads((Path(cfg.train.output) / "eval" / "report.json").read_text())
     methods = {m["method"]: m for m in rep["heads"][0]["methods"]}
