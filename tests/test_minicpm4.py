@@ -170,6 +170,15 @@ def test_native_model_is_picked_for_minicpm_without_remote_code(tmp_path):
     assert model.model.embed_tokens.embed_scale.item() == 12.0
 
 
+def test_shipped_minicpm4_config_uses_the_native_model_and_regenerates():
+    from schemas.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "minicpm4-8b.yaml")
+    assert cfg.target.trust_remote_code is False
+    assert cfg.data.regenerate.enabled is True
+    assert cfg.extract.layers in ("auto", [2, 16, 29])
+
+
 # ----------------------------------------------------------------- bad input
 
 def _write_cfg(tmp_path, **changes):
