@@ -117,19 +117,21 @@ def _force_next_token(d: Path, prompt_ids: list[int], token: int) -> None:
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.fixture
-def stops_with_eos2(tmp_path):
-    """A MiniCPM4 whose first answer token to PROMPT is </s> (id 2), the eos the tokenizer does not name;
-    generation_config.json names only <|im_end|> (config.json has both)."""
+@pytest.fixture(params=["generation_config_names_one", "config_names_one"])
+def stops_with_eos2(tmp_path, request):
+    """A MiniCPM4 whose first answer token to the prompt is </s> (id 2), the eos the tokenizer
+    does not name. Either generation_config.json names only <|im_end|> (config.json both), or
+    config.json names only <|im_end|> (generation_config.json both)."""
     d = tiny_minicpm4(tmp_path / "t", layers=4, hidden=64)
     tok = minicpm4_tokenizer()
     msgs = [{"role": "user", "content": "what is the capital of france"}]
     ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
     _force_next_token(d, ids, 2)
-    gc = json.loads((d / "generation_config.json").read_text())
-    gc["eos_token_id"] = tok.eos_token_id
-    (d / "generation_config.json").write_text(json.dumps(gc))
+    name = "generation_config.json" if request.param == "generation_config_names_one" else "config.json"
+    c = json.loads((d / name).read_text())
+    c["eos_token_id"] = tok.eos_token_id
+    (d / name).write_text(json.dumps(c))
     return d, msgs, ids
 
 
@@ -156,7 +158,7 @@ def test_stage3_stops_at_either_eos(stops_with_eos2):
     d, _, ids = stops_with_eos2
     model, tok, _ = load_target(TargetConfig(path=str(d), dtype="float32", device="cpu"))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert _eos_ids(tok, model) == {2, im_end}
     runner = TargetRunner(model, [2, 2, 1])
-    assert runner.eos_ids == {2, im_end} and _eos_ids(tok, model) == {2, im_end}
     res = generate(runner, None, ids, DecodeSettings(method="plain", max_new_tokens=8), eos_ids=_eos_ids(tok, model))
     assert res.tokens == [2] and res.stopped_by == "eos"
