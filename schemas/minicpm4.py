@@ -18,6 +18,12 @@ so it picks the factor set by that length instead of the sequence's; the two agr
 whenever max_position_embeddings == original_max_position_embeddings, which holds for
 the published MiniCPM4 / 4.1 configs.
 
+transformers decides the factor set per forward call, by the largest position in the
+batch (vLLM: by max_model_len), so in a padded batch that crosses the original length
+every row uses the long factors, and a KV-cached decode that crosses it keeps the
+short-factor keys already cached; both are moot when, as in MiniCPM4, the original
+length is the model's whole context.
+
 The checkpoint's weight names load unchanged (see `CHECKPOINT_WEIGHT_NAMES`).
 `sparse_config` (InfLLM v2 sparse attention, CUDA kernels) is accepted and ignored
 with a warning: this model always runs dense attention, which equals the sparse
@@ -154,7 +160,24 @@ class MiniCPM4Config(LlamaConfig):
                                                       "sparse_config")}
         fields["rope_scaling"] = kwargs.get("rope_scaling") or self.rope_parameters
         warn_notes(check_config_dict({**kwargs, **fields}, where=f"{MODEL_TYPE} config"))
+        self._explicit_longrope_factor(kwargs)
         super().__post_init__(**kwargs)
+
+    def _explicit_longrope_factor(self, kwargs: dict) -> None:
+        """MiniCPM's configs leave longrope's `factor` implicit (max_position_embeddings /
+        original); transformers computes the same value but warns on every load. Spell it out."""
+        legacy = isinstance(kwargs.get("rope_scaling"), dict)
+        rs = kwargs["rope_scaling"] if legacy else self.rope_parameters
+        if not isinstance(rs, dict) or rs.get("rope_type", rs.get("type")) != "longrope" or "factor" in rs:
+            return
+        orig = rs.get("original_max_position_embeddings")
+        if not orig:
+            return
+        rs = dict(rs, factor=self.max_position_embeddings / orig)
+        if legacy:
+            kwargs["rope_scaling"] = rs
+        else:
+            self.rope_parameters = rs
 
     @property
     def residual_scale(self) -> float:
