@@ -8,6 +8,7 @@ through the native model here and through vLLM's MiniCPMForCausalLM in the oracl
 (EAGLE3_VLLM_PYTHON, .venv-vllm/bin/python or /work/venvs/vllm/bin/python; a
 subprocess, CPU, float32), and prints the max differences of
 
+* the logits of every prompt position (vLLM's compute_logits, hooked),
 * the prompt log-probabilities (every id of vLLM's top-K per position, plus top-K order),
 * the hidden states the pipeline captures, `extract.layers` = [2, L//2, L-3] as indices
   into HF's output_hidden_states (index i = the output of decoder layer i-1; vLLM's
@@ -79,6 +80,11 @@ def vllm_side(ckpt: str, max_model_len: int, tokens_file: str, out_file: str, to
             def post(_m, _a, out, i=i):  # (hidden_states, residual=None): the full residual stream
                 captured[i + 1] = out[0].detach().clone()
             layer.register_forward_hook(post)
+        def logits_hook(_m, _a, out):  # compute_logits: every prompt row (prompt_logprobs) and the last
+            if out is not None and out.dim() == 2 and out.shape[0] > captured.get("logits_rows", 0):
+                captured["logits_rows"] = out.shape[0]
+                captured["logits"] = out.detach().clone()
+        model.logits_processor.register_forward_hook(logits_hook)
         return len(layers)
 
     llm.apply_model(install)
@@ -89,8 +95,10 @@ def vllm_side(ckpt: str, max_model_len: int, tokens_file: str, out_file: str, to
                            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk, detokenize=False),
                            use_tqdm=False)[0]
         plp = [None if d is None else {int(k): float(v.logprob) for k, v in d.items()} for d in out.prompt_logprobs]
-        hidden = {str(i): captured[i][: len(toks)].float().tolist() for i in sorted(captured)}
-        results.append({"prompt_logprobs": plp, "hidden": hidden})
+        hidden = {str(i): captured[i][: len(toks)].float().tolist() for i in sorted(k for k in captured
+                                                                             if isinstance(k, int))}
+        logits = captured["logits"].float().tolist() if "logits" in captured else None
+        results.append({"prompt_logprobs": plp, "hidden": hidden, "logits": logits})
     Path(out_file).write_text(json.dumps(results))
 
 
@@ -119,14 +127,15 @@ def native(ckpt: Path, seqs: list[list[int]], attn: str):
     with torch.no_grad():
         for toks in seqs:
             o = model(input_ids=torch.tensor([toks]), output_hidden_states=True, use_cache=False)
-            outs.append((torch.log_softmax(o.logits[0].float(), -1), [h[0].float() for h in o.hidden_states]))
+            lg = o.logits[0].float()
+            outs.append((torch.log_softmax(lg, -1), [h[0].float() for h in o.hidden_states], lg))
     return outs
 
 
 def compare(native_out, oracle, layers: list[int], L: int) -> dict:
     import torch
 
-    lp, hs = native_out
+    lp, hs, native_logits = native_out
     plps = [None if d is None else {int(k): v for k, v in d.items()} for d in oracle["prompt_logprobs"]]
     d_lp, order_ok, n = 0.0, True, 0
     for t, ref in enumerate(plps):
@@ -137,6 +146,11 @@ def compare(native_out, oracle, layers: list[int], L: int) -> dict:
             d_lp = max(d_lp, abs(float(row[tok]) - v))
             n += 1
     res = {"logprob_max_abs": d_lp, "logprob_entries": n}
+    if oracle.get("logits") is not None:  # raw logits of every prompt position (vLLM's compute_logits)
+        ref = torch.tensor(oracle["logits"])
+        ours = native_logits[: ref.shape[0]]
+        res["logits_rows"] = int(ref.shape[0])
+        res["logits_max_abs"] = (ours - ref).abs().max().item()
     # every hidden state up to L-1 (HF's entry L is after the final norm, vLLM's hook sees it
     # before); the captured ones ([2, L//2, L-3]) are marked
     for i in range(L):
@@ -223,7 +237,8 @@ def main():
             res["rope"] = "long" if n > args.original else "short"
             res["vllm_max_model_len"] = mml
             report["lengths"][str(n)] = res
-            worst = max([worst, res["logprob_max_abs"]] + [v for k, v in res.items() if k.endswith("_max_rel")])
+            worst = max([worst, res["logprob_max_abs"], res.get("logits_max_abs", 0.0)]
+                        + [v for k, v in res.items() if k.endswith("_max_rel")])
         print(json.dumps(report, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))

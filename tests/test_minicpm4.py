@@ -294,4 +294,6 @@ def test_against_vllm_minicpm(tmp_path):
     assert rep["lengths"]["32"]["rope"] == "short" and rep["lengths"]["160"]["rope"] == "long"
     for res in rep["lengths"].values():
         assert res["top_order_equal"]
-        assert res["logprob_max_abs"] < 1e-3
+        assert res["logprob_max_abs"] < 1e-3 and res["logits_max_abs"] < 1e-3
+        for k in ("hidden[1]*_max_rel", "hidden[2]*_max_rel"):  # [2, L//2, L-3] = [2, 2, 1] for L = 4
+            assert res[k] < 1e-4
