@@ -131,6 +131,7 @@ def load_tokenizer(cfg: TargetConfig):
             src, kw = str(f.parent), {"gguf_file": f.name}
     else:
         src, kw = str(converted_dir(cfg)), {}
+        native_models(Path(src), cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, **kw)
     if not getattr(tok, "is_fast", False):
         raise TargetError(f"{src}: the tokenizer is not a fast tokenizer (offsets are needed for the loss mask)")
@@ -163,15 +164,23 @@ def pick_attn(cfg: TargetConfig, device) -> str:
     return "sdpa"
 
 
-def _from_pretrained(auto_cls, hf_dir: Path, trust_remote_code: bool, kw: dict):
-    """from_pretrained with the native MiniCPM4 for model_type `minicpm` (schemas.minicpm4)
-    and a readable error when a checkpoint's remote code does not import."""
+def native_models(hf_dir: Path, trust_remote_code: bool) -> None:
+    """Register the native MiniCPM4 for model_type `minicpm` (schemas.minicpm4) before any
+    Auto* loading of hf_dir (AutoTokenizer reads config.json too)."""
     from schemas import minicpm4
 
     try:
         minicpm4.prepare_load(hf_dir, trust_remote_code)
     except minicpm4.MiniCPM4ConfigError as e:
         raise TargetError(str(e)) from None
+
+
+def _from_pretrained(auto_cls, hf_dir: Path, trust_remote_code: bool, kw: dict):
+    """from_pretrained with the native models registered, and a readable error when a
+    checkpoint's remote code does not import."""
+    from schemas import minicpm4
+
+    native_models(hf_dir, trust_remote_code)
     try:
         return auto_cls.from_pretrained(str(hf_dir), **kw)
     except (ImportError, AttributeError) as e:

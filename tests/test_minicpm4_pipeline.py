@@ -62,6 +62,17 @@ def test_pipeline_on_tiny_minicpm4(mc4_dir, tmp_path, one_thread):
     assert set(methods) == {"chain", "tree"}
     assert all(m["lossless"] is True for m in methods.values())
 
+    # a fresh process has nothing registered: the tokenizer loaders register the native classes
+    # themselves (AutoTokenizer reads config.json, whose `minicpm` transformers alone cannot parse)
+    from pipeline.cmd_shards import inspect_sample
+    from schemas import minicpm4
+    from schemas.target import load_tokenizer
+
+    minicpm4.unregister()
+    assert load_tokenizer(cfg.target).eos_token == "<|im_end|>"
+    minicpm4.unregister()
+    assert inspect_sample(Path(cfg.extract.cache), r.refs[0].sample_index)["tokens"] > 0
+
     head = Path(cfg.train.output) / "last"
     vl = export_head(head, "vllm", tmp_path / "vllm")
     sg = export_head(head, "sglang", tmp_path / "sglang")
