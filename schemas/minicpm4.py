@@ -322,7 +322,7 @@ def prepare_load(hf_dir, trust_remote_code: bool) -> bool:
     if trust_remote_code and d.get("auto_map"):
         unregister()
         return False
-    warn_notes(check_config_dict(d, where=str(f)))
+    check_config_dict(d, where=str(f))  # errors name the file; MiniCPM4Config itself warns
     register()
     return True
 
