@@ -112,6 +112,27 @@ def test_forward_matches_reference(ckpt, attn, T):
     torch.testing.assert_close(out.logits[0], want_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_padded_batch_rows_equal_single_sequences(ckpt):
+    """Extraction runs right-padded batches: each row's valid positions equal its own forward."""
+    d, cfg = ckpt
+    model = load(d)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(3, 200, (20,), generator=g), torch.randint(3, 200, (12,), generator=g)
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, :12], mask[1, :12] = b, 1
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        for row, seq in ((0, a), (1, b)):
+            one = model(input_ids=seq[None], output_hidden_states=True, use_cache=False)
+            n = seq.numel()
+            torch.testing.assert_close(out.logits[row, :n], one.logits[0], rtol=1e-4, atol=1e-4)
+            for i in (2, 3):
+                torch.testing.assert_close(out.hidden_states[i][row, :n], one.hidden_states[i][0], rtol=1e-4,
+                                           atol=1e-4)
+
+
 def test_longrope_switches_factor_set_at_original_length(ckpt):
     """Sequences of exactly `original` tokens use the short factors; one more token, the long ones."""
     d, cfg = ckpt
