@@ -162,6 +162,8 @@ def cache_stats(root: Path) -> dict:
 def inspect_sample(root: Path, sample: int, positions: int = 5) -> dict:
     from transformers import AutoTokenizer
 
+    from schemas.target import native_models
+
     r = CacheReader(root)
     hit = [i for i, ref in enumerate(r.refs) if ref.sample_index == sample]
     if not hit:
@@ -170,6 +172,7 @@ def inspect_sample(root: Path, sample: int, positions: int = 5) -> dict:
                          f"{len(idx)} samples in committed shards)")
     ref = r.refs[hit[0]]
     d = r.sample(hit[0])
+    native_models(r.target_dir(), trust_remote_code=False)  # a `minicpm` config.json needs the native classes
     tok = AutoTokenizer.from_pretrained(str(r.target_dir()))
     ids = d["input_ids"].astype(np.int64)
     mask = d["loss_mask"].astype(bool)

@@ -131,6 +131,7 @@ def load_tokenizer(cfg: TargetConfig):
             src, kw = str(f.parent), {"gguf_file": f.name}
     else:
         src, kw = str(converted_dir(cfg)), {}
+        native_models(Path(src), cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code, **kw)
     if not getattr(tok, "is_fast", False):
         raise TargetError(f"{src}: the tokenizer is not a fast tokenizer (offsets are needed for the loss mask)")
@@ -163,6 +164,32 @@ def pick_attn(cfg: TargetConfig, device) -> str:
     return "sdpa"
 
 
+def native_models(hf_dir: Path, trust_remote_code: bool) -> None:
+    """Register the native MiniCPM4 for model_type `minicpm` (schemas.minicpm4) before any
+    Auto* loading of hf_dir (AutoTokenizer reads config.json too)."""
+    from schemas import minicpm4
+
+    try:
+        minicpm4.prepare_load(hf_dir, trust_remote_code)
+    except minicpm4.MiniCPM4ConfigError as e:
+        raise TargetError(str(e)) from None
+
+
+def _from_pretrained(auto_cls, hf_dir: Path, trust_remote_code: bool, kw: dict):
+    """from_pretrained with the native models registered, and a readable error when a
+    checkpoint's remote code does not import."""
+    from schemas import minicpm4
+
+    native_models(hf_dir, trust_remote_code)
+    try:
+        return auto_cls.from_pretrained(str(hf_dir), **kw)
+    except (ImportError, AttributeError) as e:
+        msg = minicpm4.remote_code_failure(e, hf_dir) if trust_remote_code else None
+        if msg is None:
+            raise
+        raise TargetError(msg) from e
+
+
 def load_target(cfg: TargetConfig):
     """(model in eval mode, tokenizer, hf_dir). No network; remote code only when configured."""
     import torch
@@ -174,7 +201,7 @@ def load_target(cfg: TargetConfig):
     kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device))
     if cfg.device_map:
         kw["device_map"] = cfg.device_map
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), **kw)
+    model = _from_pretrained(AutoModelForCausalLM, hf_dir, cfg.trust_remote_code, kw)
     if not cfg.device_map:
         model.to(device)
     model.eval()

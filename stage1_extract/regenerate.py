@@ -156,7 +156,10 @@ def _to_sharegpt(key: str, messages: list[dict]) -> dict:
 
 def _stop_ids(tok, model) -> list[int]:
     ids = set()
-    for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    # MiniCPM4 stops at </s> and <|im_end|>: the tokenizer names one, config.json both, and
+    # generation_config.json may name either; every source counts.
+    for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):

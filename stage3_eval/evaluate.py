@@ -32,8 +32,10 @@ def _eos_ids(tok, model) -> set[int]:
     ids = set()
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
-    e = getattr(model.config, "eos_token_id", None)
-    ids |= set(e) if isinstance(e, (list, tuple)) else ({int(e)} if e is not None else set())
+    # config.json and generation_config.json may each name only some eos ids (MiniCPM4: [2, 73440])
+    for e in (getattr(model.config, "eos_token_id", None),
+              getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids |= set(int(x) for x in e) if isinstance(e, (list, tuple)) else ({int(e)} if e is not None else set())
     return ids
 
 

@@ -135,3 +135,95 @@ def sharegpt_rows(n: int, seed: int = 0, turns: int = 1) -> list[dict]:
             conv.append({"from": "gpt", "value": " ".join(rnd.choices(words, k=rnd.randint(5, 30)))})
         rows.append({"id": f"s{i}", "conversations": conv})
     return rows
+
+
+# ---- MiniCPM4 (model_type `minicpm`, native model in schemas/minicpm4.py) ----------------
+
+# MiniCPM4's special-token layout: <unk> <s> </s> at 0, 1, 2 and the chat tokens at the
+# END of the vocabulary (<|im_end|> = 73440 of 73448 in the real one; here len - 8).
+MINICPM4_LEADING = ["<unk>", "<s>", "</s>"]
+MINICPM4_TRAILING = ["<|im_end|>", "<|im_start|>", "<|tool_call|>", "<|execute_start|>", "<|execute_end|>",
+                     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+# ChatML as MiniCPM4 renders it: no default system prompt, no BOS in the template (the
+# tokenizer adds <s> itself when asked for special tokens), `<|im_end|>` ends each turn.
+MINICPM4_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def minicpm4_tokenizer(vocab_size: int = 320):
+    """Tiny byte-level BPE with MiniCPM4's special ids: eos <|im_end|> = len - 8, </s> = 2, bos <s> = 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=MINICPM4_LEADING,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": MINICPM4_TRAILING})
+    tok.chat_template = MINICPM4_TEMPLATE
+    assert tok.convert_tokens_to_ids("</s>") == 2 and tok.convert_tokens_to_ids("<|im_end|>") == len(tok) - 8
+    return tok
+
+
+def minicpm4_config_dict(vocab_size: int, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                         max_pos: int = 1024, original: int = 1024, seed: int = 0, eos=(2,)) -> dict:
+    """config.json in the public MiniCPM4 checkpoints' own format (rope_scaling, rope_theta, muP fields)."""
+    import random
+
+    rnd = random.Random(seed)
+    half = hidden // heads // 2
+    return {
+        "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+        "bos_token_id": 1, "eos_token_id": list(eos), "hidden_act": "silu", "initializer_range": 0.1,
+        "hidden_size": hidden, "intermediate_size": 3 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_scaling": {"rope_type": "longrope",
+                         "short_factor": [round(1.0 + 0.5 * rnd.random() * i / half, 6) for i in range(half)],
+                         "long_factor": [round(1.0 + 6.0 * rnd.random() * i / half, 6) for i in range(half)],
+                         "original_max_position_embeddings": original},
+        "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": max(1, hidden // 4),
+        "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True, "vocab_size": vocab_size,
+    }
+
+
+def write_minicpm4(out_dir: str | Path, cfg: dict, tok=None, seed: int = 0) -> Path:
+    """Random weights for `cfg` (a MiniCPM4 config.json dict) saved under the checkpoint's
+    own names, the config.json exactly as given, and the tokenizer (if any)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from schemas.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = MiniCPM4ForCausalLM(MiniCPM4Config(**{k: v for k, v in cfg.items() if k not in ("architectures",)}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15 if "embed" not in name else 0.05)
+            else:  # norms: not all ones, so a missing norm weight shows
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}, indent=2))
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    return out
+
+
+def tiny_minicpm4(out_dir: str | Path, layers: int = 6, hidden: int = 64, seed: int = 0, **kw) -> Path:
+    """A tiny random MiniCPM4 HF directory with the MiniCPM4 tokenizer; eos [</s>, <|im_end|>]."""
+    tok = minicpm4_tokenizer()
+    cfg = minicpm4_config_dict(len(tok), layers=layers, hidden=hidden, seed=seed,
+                               eos=(2, tok.convert_tokens_to_ids("<|im_end|>")), **kw)
+    return write_minicpm4(out_dir, cfg, tok, seed=seed)
