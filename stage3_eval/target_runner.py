@@ -7,9 +7,18 @@ reads (layer ids = indices into HF's `output_hidden_states`, from the head confi
 `prune` keeps only the accepted cache entries, contiguous (a chain) or not (a tree
 path), so the cache afterwards is the one plain decoding of the same tokens builds.
 The plain greedy baseline uses the same `forward` with one token a step.
+
+Tree masks. Only some attention implementations read an arbitrary 4D mask: sdpa
+and eager do; flash-attention reads a 4D mask as a 2D padding mask (the tree
+becomes garbage), and remote code built on the legacy 4D-mask helpers inverts it.
+So a tree pass runs with `sdpa` whatever the target was loaded with (chain, prefill
+and plain decoding keep the loaded implementation), and `check_tree_verify` (run
+before any decoding) compares tree-verify logits with plain sequential decoding and
+refuses to go on when they disagree, whatever the cause.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +28,25 @@ import torch
 
 class TargetRunError(RuntimeError):
     pass
+
+
+MASK_ATTN = ("sdpa", "eager")  # implementations that read an arbitrary additive 4D mask
+TREE_ATTN = "sdpa"             # what a tree pass switches to when the target uses another one
+
+# A small fixed tree for the start-up check: two roots' children, a grandchild on each
+# branch and one great-grandchild, so rows see siblings and cousins they must not attend to.
+CHECK_PARENTS = (-1, -1, 0, 1, 2, 0)
+
+
+def check_tolerance(dtype) -> float:
+    """Allowed max |tree - sequential| logit difference, relative to the largest logit.
+
+    Batched and one-token passes round differently: ~1e-6 relative in fp32, up to a few
+    1e-2 in bf16 over a deep model. A wrong mask convention changes logits by O(1)
+    relative (measured on the test's tiny model: >= 0.2), far above both."""
+    import torch
+
+    return 6e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
 
 
 @dataclass
@@ -44,6 +72,26 @@ class TargetRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.eos_ids = _eos_ids(cfg)
+        self.attn_implementation = getattr(cfg, "_attn_implementation", None)
+        # every config object the model's modules read their attention implementation from
+        self._attn_configs = list({id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+                                   if hasattr(c, "_attn_implementation_internal")}.values())
+        self.tree_check: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def mask_capable_attention(self):
+        """Run the body with an attention implementation that reads a 4D mask (see the module doc)."""
+        if self.attn_implementation in MASK_ATTN or self.attn_implementation is None:
+            yield
+            return
+        saved = [(c, c._attn_implementation_internal) for c in self._attn_configs]
+        try:
+            for c, _ in saved:
+                c._attn_implementation_internal = TREE_ATTN
+            yield
+        finally:
+            for c, v in saved:
+                c._attn_implementation_internal = v
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -65,17 +113,20 @@ class TargetRunner:
         T = int(input_ids.shape[0])
         S = self.cache_len(cache)
         kw = {self._cache_kw: cache, "use_cache": True, "position_ids": positions.view(1, T).to(self.device)}
+        attn = contextlib.nullcontext()
         if tree_mask is not None:
-            # An additive float mask works for every attention implementation (eager adds it,
-            # sdpa takes it as is); HF passes a 4D mask through untouched.
+            # An additive float mask: eager adds it, sdpa takes it as is, HF passes a 4D mask
+            # through untouched; other implementations are switched to sdpa for this pass.
             full = torch.zeros(1, 1, T, S + T, dtype=self.dtype, device=self.device)
             full[0, 0, :, S:].masked_fill_(~tree_mask.to(self.device), torch.finfo(self.dtype).min)
             kw["attention_mask"] = full
+            attn = self.mask_capable_attention()
         if want_aux:
             kw["output_hidden_states"] = True
         if not want_logits:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids.view(1, T).to(self.device), **kw)
+        with attn:
+            out = self.model(input_ids=input_ids.view(1, T).to(self.device), **kw)
         aux = None
         if want_aux:
             hs = out.hidden_states
@@ -84,6 +135,54 @@ class TargetRunner:
             aux = torch.cat([hs[i][0] for i in self.layer_ids], dim=-1)
         logits = out.logits[0].float() if want_logits else None
         return TargetOut(logits=logits, aux=aux)
+
+    @torch.no_grad()
+    def check_tree_verify(self, prompt_ids: list[int], tol: Optional[float] = None) -> dict:
+        """Tree-verify logits against plain sequential decoding; raises TargetRunError on disagreement.
+
+        A prefix of `prompt_ids` is prefilled, then one tree pass verifies the nodes of
+        CHECK_PARENTS (tokens taken from the prompt); each row must give the logits a
+        cache-free forward over prefix + that row's path gives. Returns the figures.
+        """
+        from stage3_eval.tree import DraftTree, verify_mask, verify_positions
+
+        ids = [int(t) for t in prompt_ids][:16]
+        if len(ids) < 2:
+            raise TargetRunError("the tree-verification check needs a prompt of at least 2 tokens")
+        n = len(ids) - 1
+        toks = [ids[(3 * i + 1) % len(ids)] for i in range(len(CHECK_PARENTS))]
+        tree = DraftTree.from_parents(toks, list(CHECK_PARENTS), device=self.device)
+        cache = self.new_cache()
+        dev = self.device
+        self.forward(cache, torch.tensor(ids[:-1], device=dev), torch.arange(n, device=dev),
+                     want_logits=False, want_aux=False)
+        rows = torch.cat((torch.tensor(ids[-1:], device=dev), tree.tokens))
+        got = self.forward(cache, rows, verify_positions(tree, n), verify_mask(tree), want_aux=False).logits
+        ref = []
+        for r in range(tree.size + 1):
+            path = [] if r == 0 else tree.anc[r - 1].nonzero().flatten().tolist()
+            seq = torch.tensor(ids + [toks[j] for j in path], device=dev)[None]
+            ref.append(self.model(input_ids=seq, use_cache=False).logits[0, -1].float())
+        ref = torch.stack(ref)
+        scale = max(float(ref.abs().max()), 1.0)
+        diff = float((got - ref).abs().max())
+        tol = check_tolerance(self.dtype) if tol is None else tol
+        rows_bad = ((got - ref).abs().amax(-1) > tol * scale).nonzero().flatten().tolist()
+        self.tree_check = {"max_abs_diff": diff, "max_abs_logit": scale, "rel_diff": diff / scale, "tol": tol,
+                           "attn_implementation": self.attn_implementation,
+                           "tree_attn_implementation": self.attn_implementation
+                           if self.attn_implementation in MASK_ATTN else TREE_ATTN,
+                           "ok": not rows_bad}
+        if rows_bad:
+            raise TargetRunError(
+                f"tree verification disagrees with sequential decoding: rows {rows_bad} of a "
+                f"{tree.size}-node test tree differ by up to {diff:.3g} (largest logit {scale:.3g}, allowed "
+                f"{tol:g} x that). The target's attention does not honour the 4D tree mask "
+                f"(loaded with attn_implementation={self.attn_implementation!r}, tree passes use "
+                f"{self.tree_check['tree_attn_implementation']!r}); remote code built on legacy mask "
+                f"helpers inverts such masks. Load the target with target.attn_implementation: sdpa "
+                f"or eager, or evaluate with eval.method: [chain] (chains pass no mask)")
+        return self.tree_check
 
     @staticmethod
     def prune(cache, prefix_len: int, keep: torch.Tensor) -> None:
