@@ -1,0 +1,124 @@
+"""W3/W4: tree verification takes the 4D tree mask whatever attention the target was
+loaded with, and a start-up check against sequential decoding refuses targets whose
+attention does not honour it (flash-attention reading it as padding, legacy remote
+code inverting it, any future convention)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from spec_helpers import OracleDrafter, greedy_reference, make_head, tiny_layer_ids
+from stage3_eval import target_runner as tr_mod
+from stage3_eval.draft_runner import DraftRunner
+from stage3_eval.spec_decode import DecodeSettings, generate
+from stage3_eval.target_runner import TargetRunError, TargetRunner
+
+PROMPT = [5, 17, 33, 60, 61, 9, 100, 101]
+CAUSAL_ONLY = "eagle3_test_causal_only"
+
+
+def _causal_only_attention(module, query, key, value, attention_mask, **kw):
+    """Like flash-attention given a 4D mask: ignores it, causal (bottom-right) over the cache."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T, S = query.shape[2], key.shape[2]
+    causal = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)[None, None]
+    return sdpa_attention_forward(module, query, key, value, causal, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+def _load(tiny_llama_dir, attn):
+    import transformers as tf
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_ONLY, _causal_only_attention)
+    return tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32,
+                                                   attn_implementation=attn).eval()
+
+
+def _inverting(model):
+    """A target whose forward inverts a 4D mask like the legacy _prepare_4d_causal_attention_mask
+    helpers (they expect 1 = attend): the additive 0/-inf tree mask becomes 'all masked'."""
+    orig = model.forward
+
+    @functools.wraps(orig)
+    def forward(*args, **kw):
+        am = kw.get("attention_mask")
+        if am is not None and am.dim() == 4:
+            inverted = 1.0 - am
+            kw["attention_mask"] = inverted.masked_fill(inverted.to(torch.bool), torch.finfo(am.dtype).min)
+        return orig(*args, **kw)
+
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_check_passes_with_mask_reading_attention(tiny_llama_dir, attn):
+    res = TargetRunner(_load(tiny_llama_dir, attn)).check_tree_verify(PROMPT)
+    assert res["ok"] and res["rel_diff"] < 1e-4 and res["tree_attn_implementation"] == attn
+
+
+def test_flash_like_target_verifies_trees_with_sdpa(tiny_llama_dir):
+    """Loaded with an implementation that ignores 4D masks: tree passes switch to sdpa, the
+    output is lossless, and the model is left with its own implementation afterwards."""
+    m = _load(tiny_llama_dir, CAUSAL_ONLY)
+    runner = TargetRunner(m, tiny_layer_ids(m))
+    res = runner.check_tree_verify(PROMPT)
+    assert res["ok"] and res["tree_attn_implementation"] == "sdpa"
+    ref = greedy_reference(m, PROMPT, 20)
+    # an oracle drafter gets whole paths accepted, so wrong node rows would show (at edbc6e1
+    # the verified tokens differ from the reference and the oracle's commit check fails)
+    for dr in (OracleDrafter(ref, m.config.vocab_size), DraftRunner(make_head(m, seed=3))):
+        r = generate(runner, dr, PROMPT, DecodeSettings(method="tree", top_k=3, depth=3, total_tokens=8,
+                                                        max_new_tokens=20), eos_ids=set())
+        assert r.tokens == ref[len(PROMPT):]
+    assert m.config._attn_implementation == CAUSAL_ONLY
+    assert all(getattr(mod, "config", m.config)._attn_implementation == CAUSAL_ONLY for mod in m.modules()
+               if hasattr(getattr(mod, "config", None), "_attn_implementation_internal"))
+
+
+def test_check_refuses_attention_that_ignores_the_mask(tiny_llama_dir, monkeypatch):
+    m = _load(tiny_llama_dir, CAUSAL_ONLY)
+    monkeypatch.setattr(tr_mod, "MASK_ATTN", tr_mod.MASK_ATTN + (CAUSAL_ONLY,))  # as if it read masks
+    with pytest.raises(TargetRunError, match=r"tree verification disagrees with sequential decoding: rows \[2, "
+                                             r".*attn_implementation='eagle3_test_causal_only'"):
+        TargetRunner(m).check_tree_verify(PROMPT)
+
+
+def test_check_refuses_an_inverted_mask_convention(tiny_llama_dir):
+    runner = TargetRunner(_inverting(_load(tiny_llama_dir, "sdpa")))
+    with pytest.raises(TargetRunError, match=r"rows \[0, 1, 2, 3, 4, 5, 6\] .* legacy mask helpers inverts"):
+        runner.check_tree_verify(PROMPT)
+    assert runner.tree_check["ok"] is False and runner.tree_check["rel_diff"] > 0.1
+
+
+def test_eval_refuses_to_run_on_a_wrong_mask_convention(tmp_path, tiny_llama_dir):
+    import transformers as tf
+
+    from schemas.config import load_config
+    from schemas.head import save_head
+    from stage3_eval.evaluate import run_eval
+    from tiny import write_jsonl
+
+    m = _inverting(_load(tiny_llama_dir, "sdpa"))
+    tok = tf.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    head = make_head(m)
+    hd = save_head(tmp_path / "head", head.head_state_dict(), head.config)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello! How can I help you?"}])
+    raw = {"target": {"path": str(tiny_llama_dir)}, "extract": {"cache": str(tmp_path / "nocache")},
+           "eval": {"head": str(hd), "prompts": [str(prompts)], "method": ["chain", "tree"], "max_new_tokens": 4,
+                    "warmup": 0, "repeats": 1, "offline": False, "output": str(tmp_path / "out")}}
+    with pytest.raises(TargetRunError, match="tree verification disagrees"):
+        run_eval(load_config(raw=raw), progress=False, model_tok=(m, tok))
+    assert not (tmp_path / "out").exists()
+    # chains pass no mask: the same target evaluates fine with method chain
+    raw["eval"]["method"] = ["chain"]
+    rep = run_eval(load_config(raw=raw), progress=False, model_tok=(m, tok))
+    assert rep["tree_verify_check"] is None and rep["heads"][0]["methods"][0]["lossless"] is True
