@@ -97,7 +97,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Speculative decoding: {report.get('target', '')}", "",
              f"prompts: {', '.join(report.get('prompts', []))}; max_new_tokens {s.get('max_new_tokens')}, "
              f"temperature {s.get('temperature')}; chain k={s.get('draft_tokens')}; "
-             f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}", "",
+             f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}"
+             + (f"; lossless tie: {s['tie_rule']}" if s.get("tie_rule") else ""), "",
              "| head | method | prompts | new tokens | target passes | τ | acceptance by depth | "
              "baseline tok/s | spec tok/s | speed-up | lossless |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]

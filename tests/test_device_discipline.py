@@ -113,3 +113,40 @@ def test_load_draft_shares_the_target_embedding(tmp_path, tiny_llama_dir, head):
     m2 = load_draft(d, tgt)
     want = (emb.detach().float()[ids] * m2.embed_scale).to(torch.float32)
     torch.testing.assert_close(m2.embed(ids), want, rtol=0, atol=0)
+
+
+def test_training_step_makes_no_tensor_without_a_device():
+    """The TTT unroll, its loss and backward on a collated batch, with the default device on meta."""
+    import numpy as np
+
+    from schemas.head import make_head_config
+    from stage2_train.data import collate
+    from stage2_train.losses import ttt_forward
+    from stage2_train.model import Eagle3Draft
+
+    tcfg = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": 200,
+            "hidden_act": "silu", "model_type": "llama"}
+    torch.manual_seed(0)
+    m = Eagle3Draft(make_head_config(tcfg, draft_vocab_size=16, layer_ids=[2, 3, 4]), torch.randn(200, 32))
+    ids = torch.arange(100, 116)
+    m.set_vocab_map(ids - torch.arange(16), torch.zeros(200, dtype=torch.bool).index_fill_(0, ids, True))
+    rng = np.random.default_rng(0)
+    samples = [{"input_ids": rng.integers(100, 116, n).astype(np.int32), "loss_mask": np.ones(n, np.uint8),
+                "hidden": rng.integers(0x3c00, 0x3e00, (n, 3, 32)).astype(np.uint16),
+                "topk_ids": rng.integers(100, 116, (n, 4)).astype(np.int32),
+                "topk_logprobs": np.log(np.full((n, 4), 0.25)).astype(np.float16)} for n in (9, 6)]
+    t2d = np.full(200, -1, dtype=np.int64)
+    t2d[100:116] = np.arange(16)
+    batch = collate(samples, t2d)
+
+    def step():
+        m.zero_grad()
+        o = ttt_forward(m, batch, 3)
+        o.loss.backward()
+        return float(o.loss.detach()), m.fc.weight.grad.clone()
+
+    want_loss, want_grad = step()
+    with default_device("meta"):
+        got_loss, got_grad = step()
+    assert got_loss == want_loss and torch.equal(got_grad, want_grad)

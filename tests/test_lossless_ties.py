@@ -82,8 +82,10 @@ def test_summary_counts_ties_apart_from_failures():
     assert m2["lossless"] is False and m2["lossless_ties"] == 1 and m2["lossless_failures"] == 1
     m3 = summarize("chain", [_rec(0, False)], 2)  # no detail: a failure
     assert m3["lossless"] is False and m3["lossless_failures"] == 1 and m3["lossless_ties"] == 0
-    rep = {"target": "t", "settings": {}, "heads": [{"head": "h", "name": "h", "methods": [m, m2]}]}
+    rep = {"target": "t", "settings": {"tie_rule": "within 4 ulp"},
+           "heads": [{"head": "h", "name": "h", "methods": [m, m2]}]}
     md = markdown(rep)
+    assert "lossless tie: within 4 ulp" in md
     assert "| yes (1 tie) |" in md and "| NO (1 mismatched, 1 tie) |" in md
     assert "p1#turn1@2 (tie: top-1/top-2 margin 0.125, spec token gap 0.125, tolerance 0.5)" in md
     assert "p0#turn1@2 (failure: top-1/top-2 margin 3, spec token gap 5, tolerance 0.5)" in md
