@@ -113,6 +113,8 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     tree_check = None
     if prompts and "tree" in methods:  # refuses (TargetRunError) when tree masks are not honoured
         tree_check = base_runner.check_tree_verify(render(tok, [{"role": "user", "content": prompts[0].turns[0]}]))
+        for _, _, tr in drafts:  # the same model: the same mask convention
+            tr.mask_convention = base_runner.mask_convention
 
     def timed(runner, drafter, ids, s):
         best = None

@@ -1,7 +1,8 @@
 """W3/W4: tree verification takes the 4D tree mask whatever attention the target was
-loaded with, and a start-up check against sequential decoding refuses targets whose
-attention does not honour it (flash-attention reading it as padding, legacy remote
-code inverting it, any future convention)."""
+loaded with (flash-attention would read it as padding: tree passes switch to sdpa),
+and a start-up check against sequential decoding picks the mask encoding that works
+(transformers' additive one, or the 1 = attend one that legacy remote code inverts
+itself) and refuses targets where none does."""
 from __future__ import annotations
 
 import functools
@@ -87,38 +88,69 @@ def test_flash_like_target_verifies_trees_with_sdpa(tiny_llama_dir):
 def test_check_refuses_attention_that_ignores_the_mask(tiny_llama_dir, monkeypatch):
     m = _load(tiny_llama_dir, CAUSAL_ONLY)
     monkeypatch.setattr(tr_mod, "MASK_ATTN", tr_mod.MASK_ATTN + (CAUSAL_ONLY,))  # as if it read masks
-    with pytest.raises(TargetRunError, match=r"tree verification disagrees with sequential decoding: rows \[2, "
+    runner = TargetRunner(m)
+    with pytest.raises(TargetRunError, match=r"tree verification disagrees with sequential decoding on a 6-node "
+                                             r"test tree with every mask convention \(additive: rows \[2, .*binary: "
                                              r".*attn_implementation='eagle3_test_causal_only'"):
-        TargetRunner(m).check_tree_verify(PROMPT)
-
-
-def test_check_refuses_an_inverted_mask_convention(tiny_llama_dir):
-    runner = TargetRunner(_inverting(_load(tiny_llama_dir, "sdpa")))
-    with pytest.raises(TargetRunError, match=r"rows \[0, 1, 2, 3, 4, 5, 6\] .* legacy mask helpers inverts"):
         runner.check_tree_verify(PROMPT)
-    assert runner.tree_check["ok"] is False and runner.tree_check["rel_diff"] > 0.1
+    assert runner.tree_check["ok"] is False and runner.mask_convention == "additive"
 
 
-def test_eval_refuses_to_run_on_a_wrong_mask_convention(tmp_path, tiny_llama_dir):
-    import transformers as tf
+def test_legacy_inverting_target_gets_the_binary_convention(tiny_llama_dir):
+    """Remote code that inverts a 4D mask (expects 1 = attend): the check finds that the
+    additive mask is wrong there, keeps the 1 = attend encoding, and trees are lossless."""
+    m = _inverting(_load(tiny_llama_dir, "sdpa"))
+    runner = TargetRunner(m, tiny_layer_ids(m))
+    res = runner.check_tree_verify(PROMPT)
+    assert res["ok"] and runner.mask_convention == "binary"
+    assert res["tried"]["additive"] > 0.1 and res["tried"]["binary"] < 1e-4
+    ref = greedy_reference(m, PROMPT, 20)
+    r = generate(runner, OracleDrafter(ref, m.config.vocab_size), PROMPT,
+                 DecodeSettings(method="tree", top_k=3, depth=3, total_tokens=8, max_new_tokens=20), eos_ids=set())
+    assert r.tokens == ref[len(PROMPT):] and sum(r.accept_lengths) > 10
+    # the same encoding on a target that does not invert is caught
+    plain = TargetRunner(_load(tiny_llama_dir, "sdpa"))
+    plain.mask_convention = "binary"
+    assert not plain._compare_tree_with_sequential(PROMPT, 1e-3)["ok"]
 
+
+def _eval_cfg(tmp_path, tiny_llama_dir, m, methods):
     from schemas.config import load_config
     from schemas.head import save_head
-    from stage3_eval.evaluate import run_eval
     from tiny import write_jsonl
 
-    m = _inverting(_load(tiny_llama_dir, "sdpa"))
-    tok = tf.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     head = make_head(m)
     hd = save_head(tmp_path / "head", head.head_state_dict(), head.config)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello! How can I help you?"}])
     raw = {"target": {"path": str(tiny_llama_dir)}, "extract": {"cache": str(tmp_path / "nocache")},
-           "eval": {"head": str(hd), "prompts": [str(prompts)], "method": ["chain", "tree"], "max_new_tokens": 4,
+           "eval": {"head": str(hd), "prompts": [str(prompts)], "method": methods, "max_new_tokens": 6,
                     "warmup": 0, "repeats": 1, "offline": False, "output": str(tmp_path / "out")}}
+    return load_config(raw=raw)
+
+
+def test_eval_refuses_to_run_when_no_mask_convention_works(tmp_path, tiny_llama_dir, monkeypatch):
+    import transformers as tf
+
+    from stage3_eval.evaluate import run_eval
+
+    m = _load(tiny_llama_dir, CAUSAL_ONLY)
+    monkeypatch.setattr(tr_mod, "MASK_ATTN", tr_mod.MASK_ATTN + (CAUSAL_ONLY,))
+    tok = tf.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     with pytest.raises(TargetRunError, match="tree verification disagrees"):
-        run_eval(load_config(raw=raw), progress=False, model_tok=(m, tok))
+        run_eval(_eval_cfg(tmp_path, tiny_llama_dir, m, ["chain", "tree"]), progress=False, model_tok=(m, tok))
     assert not (tmp_path / "out").exists()
     # chains pass no mask: the same target evaluates fine with method chain
-    raw["eval"]["method"] = ["chain"]
-    rep = run_eval(load_config(raw=raw), progress=False, model_tok=(m, tok))
+    rep = run_eval(_eval_cfg(tmp_path, tiny_llama_dir, m, ["chain"]), progress=False, model_tok=(m, tok))
     assert rep["tree_verify_check"] is None and rep["heads"][0]["methods"][0]["lossless"] is True
+
+
+def test_eval_on_a_legacy_inverting_target(tmp_path, tiny_llama_dir):
+    import transformers as tf
+
+    from stage3_eval.evaluate import run_eval
+
+    m = _inverting(_load(tiny_llama_dir, "sdpa"))
+    tok = tf.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    rep = run_eval(_eval_cfg(tmp_path, tiny_llama_dir, m, ["tree"]), progress=False, model_tok=(m, tok))
+    assert rep["tree_verify_check"]["mask_convention"] == "binary"
+    assert rep["heads"][0]["methods"][0]["lossless"] is True
