@@ -154,3 +154,27 @@ def test_eval_on_a_legacy_inverting_target(tmp_path, tiny_llama_dir):
     rep = run_eval(_eval_cfg(tmp_path, tiny_llama_dir, m, ["tree"]), progress=False, model_tok=(m, tok))
     assert rep["tree_verify_check"]["mask_convention"] == "binary"
     assert rep["heads"][0]["methods"][0]["lossless"] is True
+
+
+def test_auto_attention_gives_remote_code_sdpa(tmp_path, monkeypatch):
+    """flash-attention for native models on CUDA (tree passes switch per call); remote code
+    builds its attention classes at load time and cannot switch, so it gets sdpa."""
+    import importlib.util
+    import json
+
+    from schemas.config import TargetConfig
+    from schemas.target import pick_attn
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
+    cuda = torch.device("cuda")
+    native, remote = tmp_path / "native", tmp_path / "remote"
+    for d, extra in ((native, {}), (remote, {"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "x", **extra}))
+    assert pick_attn(TargetConfig(path="x"), cuda, native) == "flash_attention_2"
+    assert pick_attn(TargetConfig(path="x", trust_remote_code=True), cuda, remote) == "sdpa"
+    assert pick_attn(TargetConfig(path="x", trust_remote_code=True), cuda, native) == "flash_attention_2"
+    assert pick_attn(TargetConfig(path="x", attn_implementation="flash_attention_2", trust_remote_code=True),
+                     cuda, remote) == "flash_attention_2"  # an explicit choice is kept
+    assert pick_attn(TargetConfig(path="x"), torch.device("cpu"), native) == "sdpa"
