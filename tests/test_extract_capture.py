@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from schemas.config import TargetConfig, load_config
-from stage1_extract.capture import LayerCapture
-from stage1_extract.extract import Extractor, pad_batch, run_extract, start_host_copy, worker_target_config
+from stage1_extract.extract import Extractor, pad_batch, run_extract
 from stage1_extract.workers import Worker
 from tiny import sharegpt_rows, tiny_target, write_jsonl
 
@@ -30,6 +29,8 @@ def test_hooks_give_hf_hidden_states_bit_for_bit(tmp_path, family):
     """Ids 0 (embedding output, scaled by MiniCPM/Gemma), a middle one and L (the normed
     last state HF puts at the end of the tuple) equal output_hidden_states exactly."""
     from transformers import AutoModelForCausalLM
+
+    from stage1_extract.capture import LayerCapture
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_target(tmp_path / "t", family)),
                                                  dtype=torch.float32).eval()
@@ -73,9 +74,9 @@ def test_extraction_never_asks_for_every_hidden_state(tmp_path):
     model.forward = spy
     rep = {}
     run_extract(cfg, progress=False, target=(model, load_tokenizer(cfg.target), tdir), report=rep)
-    assert rep["capture"] == "hooks"
     big = [n for all_hs, n in calls if all_hs and n > 64]
     assert big == [], f"forward passes with output_hidden_states over {big} tokens"
+    assert rep["capture"] == "hooks"
     assert sum(n for _, n in calls) > 300  # the batches did run
 
 
@@ -128,6 +129,8 @@ class FakeCuda:
 def test_copy_done_event_is_recorded_on_the_copying_stream():
     """Rank 1's tensors live on cuda:1 while the current device is still cuda:0: the event
     must be recorded on cuda:1's stream (where the copy runs), not on the current device's."""
+    from stage1_extract.extract import start_host_copy
+
     cuda = FakeCuda(current="cuda:0")
     t = (torch.ones(2, device="cpu"), torch.zeros(3, dtype=torch.int32, device="cpu"))
     host, ready = start_host_copy(t, torch.device("cuda:1"), cuda=cuda)
@@ -136,6 +139,8 @@ def test_copy_done_event_is_recorded_on_the_copying_stream():
 
 
 def test_worker_sets_its_own_device():
+    from stage1_extract.extract import worker_target_config
+
     cuda = FakeCuda()
     w = Worker(3, 4, "torchrun", local_rank=1)
     tcfg = worker_target_config(TargetConfig(path="x"), w, cuda=cuda)

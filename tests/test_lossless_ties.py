@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from spec_helpers import greedy_reference
-from stage3_eval.evaluate import TIE_ULPS, mismatch_detail, tie_tolerance
 from stage3_eval.report import markdown, summarize
 from stage3_eval.target_runner import TargetRunner
 
@@ -28,6 +27,8 @@ def target(tiny_llama_dir):
 
 
 def test_tie_tolerance_is_ulps_of_the_top1_logit():
+    from stage3_eval.evaluate import TIE_ULPS, tie_tolerance
+
     assert TIE_ULPS == 4
     assert tie_tolerance(20.0, torch.bfloat16) == 4 * 2 ** -7 * 16 == 0.5
     assert tie_tolerance(-20.0, torch.bfloat16) == 0.5
@@ -37,6 +38,8 @@ def test_tie_tolerance_is_ulps_of_the_top1_logit():
 
 def test_mismatch_detail_tie_and_failure(target):
     """A target whose lm_head has two identical rows ties those tokens exactly."""
+    from stage3_eval.evaluate import mismatch_detail
+
     base = greedy_reference(target, PROMPT, 6)[len(PROMPT):]
     pos = 3
     a = base[pos]
