@@ -135,7 +135,11 @@ class TargetRunner:
             kw["attention_mask"] = self._tree_mask_4d(tree_mask.to(self.device), S)
             attn = self.mask_capable_attention()
         if want_aux:
-            kw["output_hidden_states"] = True
+            if self.layer_ids is None:
+                raise TargetRunError("aux hidden states asked for but no layer ids were given")
+            # transformers 5 keeps only the listed states (None elsewhere); code that only
+            # tests truthiness returns them all, indexed the same way
+            kw["output_hidden_states"] = sorted(set(self.layer_ids))
         if not want_logits:
             kw["logits_to_keep"] = 1
         with attn:

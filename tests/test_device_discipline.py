@@ -150,3 +150,32 @@ def test_training_step_makes_no_tensor_without_a_device():
     with default_device("meta"):
         got_loss, got_grad = step()
     assert got_loss == want_loss and torch.equal(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("family", ["llama", "minicpm3", "gemma"])
+def test_target_keeps_only_the_heads_hidden_states(tmp_path, family):
+    """Verification asks the target for the three aux states only, and gets HF's own values."""
+    import transformers as tf
+
+    from tiny import tiny_target
+
+    m = tf.AutoModelForCausalLM.from_pretrained(str(tiny_target(tmp_path / "t", family)),
+                                                dtype=torch.float32).eval()
+    L = m.config.num_hidden_layers
+    layers = [0, L // 2, L]
+    runner = TargetRunner(m, layers)
+    seen = []
+    orig = m.forward
+
+    def spy(*a, **kw):
+        out = orig(*a, **kw)
+        seen.append(sum(h is not None for h in out.hidden_states))
+        return out
+
+    m.forward = spy
+    ids = torch.tensor(PROMPT, device=CPU)
+    o = runner.forward(runner.new_cache(), ids, torch.arange(len(PROMPT), device=CPU))
+    with torch.no_grad():
+        hs = orig(input_ids=ids[None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(o.aux, torch.cat([hs[i][0] for i in layers], -1), rtol=1e-5, atol=1e-5)
+    assert seen == [3]
