@@ -141,7 +141,7 @@ class DraftRunner:
         """Run the layer on the frontier nodes; returns their draft-vocab logits [F, Vd]."""
         m = self.model
         F_ = int(frontier.numel())
-        hidden_in = self._hid[(build.parents[frontier] + 1).to(self.device)][None]  # parents' outputs
+        hidden_in = self._hid[build.parents[frontier] + 1][None]        # parents' outputs
         ids = build.tokens[frontier].to(self.device)[None]
         if self.positions == "fixed":
             pos = torch.full((1, F_), self.last_pos, dtype=torch.long, device=self.device)
@@ -149,10 +149,10 @@ class DraftRunner:
             pos = (self.last_pos + build.depth[frontier]).to(self.device)[None]
         S = self.cache_len
         # The mask is built where the tree lives (the drafter's device): no host round trip per level.
-        anc = build.anc[frontier].to(self.device)
-        slots = torch.cat(self._slots).to(self.device) if self._slots else frontier.new_zeros(0).to(self.device)
-        mask = torch.cat((torch.ones(F_, S, dtype=torch.bool, device=self.device), anc[:, slots],
-                          anc[:, frontier.to(self.device)]), dim=1)
+        slots = torch.cat(self._slots) if self._slots else frontier.new_zeros(0)
+        anc = build.anc[frontier]
+        mask = torch.cat((torch.ones(F_, S, dtype=torch.bool, device=anc.device), anc[:, slots], anc[:, frontier]),
+                         dim=1)
         past = self.past
         if self._tk:
             past = (torch.cat((self.past[0], *self._tk), dim=2), torch.cat((self.past[1], *self._tv), dim=2))
@@ -160,5 +160,5 @@ class DraftRunner:
         self._tk.append(k[:, :, -F_:])
         self._tv.append(v[:, :, -F_:])
         self._slots.append(frontier.clone())
-        self._hid[(frontier + 1).to(self.device)] = out[0]
+        self._hid[frontier + 1] = out[0]
         return m.logits(out[0])
