@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.eagle3-installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test test-all clean gpu-check
+.PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Every GPU path on one CUDA GPU (~8 min; exits 2 without CUDA). README: "GPU check".
+.PHONY: gpu-check
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 

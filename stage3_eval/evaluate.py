@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -70,7 +69,10 @@ def mismatch_detail(runner: TargetRunner, prompt_ids: list[int], base: list[int]
         d.update(tie=False, reason="lengths differ")
         return d
     seq = torch.tensor(list(prompt_ids) + list(base[:pos]), dtype=torch.long, device=runner.device)[None]
-    logits = runner.model(input_ids=seq, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    try:
+        logits = runner.model(input_ids=seq, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    except TypeError:  # remote code without logits_to_keep
+        logits = runner.model(input_ids=seq, use_cache=False).logits[0, -1].float()
     top = logits.topk(2)
     top1, top2 = (float(v) for v in top.values)
     gap = top1 - float(logits[d["spec_token"]])
@@ -172,12 +174,12 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                      "draft_tokens": e.draft_tokens, "top_k": e.top_k, "depth": e.depth,
                      "total_tokens": e.total_tokens, "repeats": e.repeats, "warmup": e.warmup,
                      "max_prompts": e.max_prompts, "max_turns": e.max_turns,
-                     "torch_threads": torch.get_num_threads(),
-                     "tie_rule": f"spec token's logit within {TIE_ULPS} ulp ({_dtype_name(base_runner.dtype)}) "
-                                 f"of the target's top-1 logit"},
-        "tree_verify_check": tree_check,
+                     "torch_threads": torch.get_num_threads()},
         "heads": [],
     }
+    dt = _dtype_name(base_runner.dtype)
+    report["settings"]["tie_rule"] = f"spec token's logit within {TIE_ULPS} ulp ({dt}) of the target's top-1 logit"
+    report["tree_verify_check"] = tree_check
     for hi, (h, _, _) in enumerate(drafts):
         entry = {"head": str(h), "name": Path(h).name if Path(h).name != "head" else str(h), "methods": []}
         for m in methods:

@@ -1,15 +1,16 @@
 """report.json + report.md + report.png for one eval run (one or several heads).
 
+Lossless (greedy): "lossless" = no failure, ties allowed (see stage3_eval.evaluate);
+"lossless_failures" and "lossless_ties" count them; "mismatched_prompts" lists both,
+each with the target's top-1/top-2 margin at the first differing position.
+
 report.json layout:
   {"target": ..., "prompts": [...], "settings": {...},
    "heads": [{"head": DIR, "offline": {acc, acc_std, loss, loss_std, simulated_tau, ...} | {"skipped": why},
               "methods": [{"method", "num_prompts", "num_turns", "new_tokens", "target_forward_passes",
                            "tau", "acceptance_by_depth", "accept_length_hist", "baseline_new_tokens",
                            "baseline_wall_s", "spec_wall_s", "baseline_tokens_per_s", "spec_tokens_per_s",
-                           "speedup", "lossless", "lossless_failures", "lossless_ties", "mismatched_prompts",
-                           "per_prompt": [...]}]}]}
-lossless: no failure (ties allowed; see stage3_eval.evaluate); mismatched_prompts lists failures and
-ties, each with the target's top-1/top-2 margin at the first differing position.
+                           "speedup", "lossless", "mismatched_prompts", "per_prompt": [...]}]}]}
 """
 from __future__ import annotations
 
