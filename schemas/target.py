@@ -170,16 +170,6 @@ def pick_attn(cfg: TargetConfig, device, hf_dir: Optional[Path] = None) -> str:
     return "sdpa"
 
 
-def is_remote_code(cfg: TargetConfig, hf_dir: Optional[Path]) -> bool:
-    """True when the target loads its modelling code from its own directory (config.json auto_map)."""
-    if not cfg.trust_remote_code or hf_dir is None:
-        return False
-    try:
-        return "auto_map" in json.loads((Path(hf_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
 def load_target(cfg: TargetConfig):
     """(model in eval mode, tokenizer, hf_dir). No network; remote code only when configured."""
     import torch
@@ -197,3 +187,14 @@ def load_target(cfg: TargetConfig):
     model.eval()
     torch.set_grad_enabled(True)  # callers use torch.no_grad() where needed
     return model, load_tokenizer(cfg), hf_dir
+
+
+def is_remote_code(cfg: TargetConfig, hf_dir: Optional[Path]) -> bool:
+    """True when the target loads its modelling code from its own directory (config.json auto_map)."""
+    if not cfg.trust_remote_code or hf_dir is None:
+        return False
+    try:
+        return "auto_map" in json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
