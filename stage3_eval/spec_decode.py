@@ -102,7 +102,8 @@ def generate(target: TargetRunner, drafter, prompt_ids: list[int], s: DecodeSett
         N = tree.size if tree is not None else 0
         root_t = torch.full((1,), root, dtype=torch.long, device=dev)
         tokens = torch.cat((root_t, tree.tokens.to(dev))) if N else root_t
-        mask = None if (N == 0 or tree.is_chain) else verify_mask(tree)
+        # top_k == 1 grows a chain by construction: known without reading the tree back
+        mask = None if (N == 0 or top_k == 1) else verify_mask(tree)
         pos = verify_positions(tree, n).to(dev) if N else torch.full((1,), n, dtype=torch.long, device=dev)
         o = target.forward(cache, tokens, pos, mask, want_aux=spec)
         res.forward_passes += 1
