@@ -31,5 +31,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Every GPU path on one CUDA GPU (~8 min; exits 2 without CUDA). README: "GPU check".
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
+
 clean:
 	rm -rf runs .pytest_cache

@@ -6,6 +6,7 @@ this file only assembles them.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import typer
 
@@ -17,6 +18,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Offline EAGLE-3 draft-head training with a feature cache.",
                   pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _launcher_options(
+    local_rank: Optional[int] = typer.Option(
+        None, "--local_rank", "--local-rank", hidden=True,
+        help="set by the deepspeed launcher (python -m pipeline.cli --local_rank=N train ...); "
+             "the same as the LOCAL_RANK environment variable, which wins when both are given"),
+) -> None:
+    """Offline EAGLE-3 draft-head training with a feature cache."""
+    note_local_rank(local_rank)
+
+
+def note_local_rank(local_rank: Optional[int]) -> None:
+    """Launchers pass --local_rank before (deepspeed) or after the command; LOCAL_RANK is what the stages read."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 def _register_all() -> None:

@@ -25,11 +25,18 @@ def register(app: typer.Typer) -> None:
         overrides: Optional[list[str]] = OVERRIDES,
         restart: bool = typer.Option(False, "--restart", help="ignore checkpoints in train.output and start over"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+        local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                                 help="set by launchers; LOCAL_RANK wins when both are given"),
     ):
         """Stage 2: train a draft head from the cache (one process, or under torchrun / the deepspeed launcher).
 
-        Resumes from the latest checkpoint in train.output unless --restart.
+        Resumes from the latest checkpoint in train.output unless --restart. Many GPUs:
+        `deepspeed --num_gpus 8 --module pipeline.cli train CONFIG` or
+        `torchrun --nproc_per_node 8 -m pipeline.cli train CONFIG`.
         """
+        from pipeline.cli import note_local_rank
+
+        note_local_rank(local_rank)
         _register_errors()
         _train(config, overrides, restart, not no_progress)
 

@@ -156,10 +156,17 @@ def pick_dtype(cfg: TargetConfig, device):
     return getattr(torch, cfg.dtype)
 
 
-def pick_attn(cfg: TargetConfig, device) -> str:
+def pick_attn(cfg: TargetConfig, device, hf_dir: Optional[Path] = None) -> str:
+    """`auto`: flash-attention on CUDA when installed, else sdpa.
+
+    Native transformers models switch a tree-verification pass to sdpa per call (flash-
+    attention cannot read a tree mask); remote code fixes its attention classes at load
+    time, so it gets sdpa from the start.
+    """
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None \
+            and not is_remote_code(cfg, hf_dir):
         return "flash_attention_2"
     return "sdpa"
 
@@ -198,7 +205,7 @@ def load_target(cfg: TargetConfig):
     hf_dir = converted_dir(cfg)
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device))
+    kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device, hf_dir))
     if cfg.device_map:
         kw["device_map"] = cfg.device_map
     model = _from_pretrained(AutoModelForCausalLM, hf_dir, cfg.trust_remote_code, kw)
@@ -207,3 +214,14 @@ def load_target(cfg: TargetConfig):
     model.eval()
     torch.set_grad_enabled(True)  # callers use torch.no_grad() where needed
     return model, load_tokenizer(cfg), hf_dir
+
+
+def is_remote_code(cfg: TargetConfig, hf_dir: Optional[Path]) -> bool:
+    """True when the target loads its modelling code from its own directory (config.json auto_map)."""
+    if not cfg.trust_remote_code or hf_dir is None:
+        return False
+    try:
+        return "auto_map" in json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+

@@ -2,8 +2,9 @@
 
 Per shard (samples [k*S, (k+1)*S) of the ordered sample list; worker r of W takes
 k mod W == r): samples are sorted by length and packed into token-budget batches,
-the target runs once per batch (no grad, output_hidden_states), and on the device
-we keep the three layers of `extract.layers` and the top-K log-probabilities of
+the target runs once per batch (no grad; forward hooks keep only the three hidden
+states of `extract.layers`, see stage1_extract.capture), and on the device
+we keep those three layers and the top-K log-probabilities of
 the full-vocab softmax of the target's logits, computed in chunks of
 `extract.logits_chunk_tokens` positions. Padding is dropped before anything leaves
 the device. The writer thread (stage1_extract.writer) assembles, compresses and
@@ -39,6 +40,7 @@ from schemas.cache import (
     read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
+from stage1_extract.capture import CaptureError, LayerCapture, compare_with_hidden_states
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
 
@@ -96,7 +98,12 @@ class Extractor:
     after sample.
     """
 
-    def __init__(self, model, layers: list[int], topk: int, chunk_tokens: int = 2048, logits_path: str = "auto"):
+    def __init__(self, model, layers: list[int], topk: int, chunk_tokens: int = 2048, logits_path: str = "auto",
+                 capture: str = "auto"):
+        if capture not in ("auto", "hooks", "hidden_states"):
+            raise ValueError(f"capture must be auto, hooks or hidden_states, not {capture!r}")
+        self.capture = capture  # auto -> decided on the first batch: "hooks" or "hidden_states"
+        self.capture_check: Optional[dict] = None
         self.model = model
         self.layers = list(layers)
         self.topk = int(topk)
@@ -110,9 +117,7 @@ class Extractor:
 
     # The head's input is captured by swapping the head's forward for one that records
     # it and returns an empty [.., 0] tensor: every op after the head still runs, on nothing.
-    def _forward_capture(self, ids, mask):
-        import torch
-
+    def _forward_capture(self, ids, mask, all_hidden: bool = True):
         head, captured = self.head, {}
         had_own = "forward" in head.__dict__
         own = head.__dict__.get("forward")
@@ -123,7 +128,7 @@ class Extractor:
 
         head.forward = capture
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=all_hidden, use_cache=False)
         finally:
             if had_own:
                 head.forward = own
@@ -153,6 +158,8 @@ class Extractor:
         return ids, lps
 
     def __call__(self, input_ids, attention_mask):
+        import contextlib
+
         import torch
 
         ids = input_ids.to(self.device)
@@ -160,28 +167,68 @@ class Extractor:
         with torch.no_grad():
             if self.logits_path == "auto":
                 self._decide(ids, mask)
+            if self.capture == "auto":
+                self._decide_capture(ids, mask)
+            hooks = self.capture == "hooks"
             flat = mask.reshape(-1).bool()
             n = int(flat.sum())
+            cap = LayerCapture(self.model, self.layers) if hooks else contextlib.nullcontext()
+            with cap:
+                if self.logits_path == "head":
+                    out, x = self._forward_capture(ids, mask, all_hidden=not hooks)
+                else:
+                    out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=not hooks,
+                                     use_cache=False)
             if self.logits_path == "head":
-                out, x = self._forward_capture(ids, mask)
                 xs = x.reshape(-1, x.shape[-1])[flat.to(x.device)]  # trim padding on device
                 head = self.head
                 topk_ids, topk_lps = self._topk_rows(lambda s, e: head(xs[s:e]), n)
+                del x, xs
             else:
-                out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
                 lg = out.logits
                 sel = torch.nonzero(flat.to(lg.device)).squeeze(1)
                 lg2 = lg.reshape(-1, lg.shape[-1])
                 topk_ids, topk_lps = self._topk_rows(lambda s, e: lg2[sel[s:e]], n)
+                del lg, lg2
+            hidden = self._stack_layers(cap if hooks else None, out, flat)
+            del out
+        return hidden, topk_ids.to(self.device), topk_lps.to(self.device)
+
+    def _stack_layers(self, cap, out, flat):
+        """[rows, 3, H] bf16 of the configured layers, padding dropped (on the input device)."""
+        import torch
+
+        if cap is not None:
+            get = cap.get
+        else:
             hs = out.hidden_states
             if hs is None:
                 raise ExtractError("the model returned no hidden_states for output_hidden_states=True")
             if max(self.layers) >= len(hs):
                 raise ExtractError(f"extract.layers {self.layers}: the model returned only {len(hs)} hidden states")
-            hidden = torch.stack([hs[i].to(self.device) for i in self.layers], dim=2)  # [B, T, 3, H]
-            hidden = hidden.reshape(-1, 3, hidden.shape[-1])[flat].to(torch.bfloat16)
-            del out, hs
-        return hidden, topk_ids.to(self.device), topk_lps.to(self.device)
+            get = hs.__getitem__
+        hidden = torch.stack([get(i).to(self.device) for i in self.layers], dim=2)  # [B, T, 3, H]
+        hidden = hidden.reshape(-1, 3, hidden.shape[-1])[flat].to(torch.bfloat16)
+        if cap is not None:
+            cap.captured.clear()
+        return hidden
+
+    def _decide_capture(self, ids, mask) -> None:
+        """Hooks (only 3 states kept) when they give HF's own hidden states bit for bit on a probe."""
+        probe_len = min(int(mask[0].sum()), 64)
+        pid, pm = ids[:1, :probe_len], mask[:1, :probe_len]
+        why = None
+        try:
+            with LayerCapture(self.model, self.layers) as cap:
+                out = self.model(input_ids=pid, attention_mask=pm, output_hidden_states=True, use_cache=False)
+            why = compare_with_hidden_states(cap, out.hidden_states)
+        except CaptureError as e:
+            why = str(e)
+        self.capture = "hooks" if why is None else "hidden_states"
+        self.capture_check = {"path": self.capture, "why": why}
+        if why is not None:
+            print(f"extract: capturing layers with output_hidden_states (all {self.model.config.num_hidden_layers}"
+                  f"+1 states per batch): {why}", file=sys.stderr)
 
     def _decide(self, ids, mask) -> None:
         """Check the chunked-head path against the model's own logits on a short probe."""
@@ -456,6 +503,45 @@ class ExtractReport:
     flush_s: float
     manifest: bool
     logits_path: str
+    capture: str = "hooks"  # hooks (only extract.layers kept) or hidden_states (the full tuple, fallback)
+
+
+def worker_target_config(tcfg, w: Worker, cuda=None):
+    """The target config for worker w: its own GPU (cuda:local_rank), made the current device.
+
+    Without `torch.cuda.set_device`, every rank's "current" device stays cuda:0: its
+    default stream, its allocator context and any event recorded without a stream.
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if w.local_rank is None or tcfg.device_map or not cuda.is_available():
+        return tcfg
+    if tcfg.device == "auto":
+        tcfg = tcfg.model_copy(update={"device": f"cuda:{w.local_rank}"})
+    if str(tcfg.device).startswith("cuda"):
+        cuda.set_device(tcfg.device if ":" in str(tcfg.device) else f"cuda:{w.local_rank}")
+    return tcfg
+
+
+def start_host_copy(tensors, device, cuda=None):
+    """Queue device-to-host copies of `tensors` and an event the writer waits on before reading.
+
+    The copies run on the current stream *of the tensors' device*, and the event is
+    recorded on that same stream, so `event.synchronize()` returns only once the
+    bytes are on the host; the writer checksums exactly what was copied.
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    stream = cuda.current_stream(device)
+    with cuda.stream(stream):
+        host = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+        ready = cuda.Event()
+        ready.record(stream)
+    return host, ready
 
 
 def _sample_arrays(s) -> tuple[int, np.ndarray, np.ndarray]:
@@ -484,10 +570,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     if target is None:
         from schemas.target import load_target
 
-        tcfg = cfg.target
-        if w.local_rank is not None and tcfg.device == "auto" and not tcfg.device_map and torch.cuda.is_available():
-            tcfg = tcfg.model_copy(update={"device": f"cuda:{w.local_rank}"})
-        target = load_target(tcfg)
+        target = load_target(worker_target_config(cfg.target, w))
     model, tok, hf_dir = target
     hf_dir = Path(hf_dir)
     data_stats = None
@@ -530,6 +613,8 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
         bar = tqdm(total=total_samples, unit="sample", desc=f"extract {which} {w}",
                    position=w.rank if w.world > 1 and w.source == "torchrun" else None, dynamic_ncols=True)
     cuda = ext.device.type == "cuda"
+    if cuda:  # this process's GPU is the current one (streams, events, allocator)
+        torch.cuda.set_device(ext.device)
     t0 = time.perf_counter()
     compute_s = 0.0
     n_samples = n_tokens = 0
@@ -546,9 +631,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
                 hidden, tids, tlps = ext(ids, mask)
                 ready = None
                 if cuda:  # start the copy to the host; the writer waits on the event, not the compute loop
-                    hidden, tids, tlps = (t.to("cpu", non_blocking=True) for t in (hidden, tids, tlps))
-                    ready = torch.cuda.Event()
-                    ready.record()
+                    (hidden, tids, tlps), ready = start_host_copy((hidden, tids, tlps), ext.device)
                 compute_s += time.perf_counter() - tc
                 writer.put_batch(BatchResult(k, batch, hidden, tids, tlps, ready))
                 ntok = int(mask.sum())
@@ -574,7 +657,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
         manifest = True
     rep = ExtractReport(str(root), str(w), n_shards, len(mine), len(mine) - len(todo), len(writer.committed),
                         n_samples, n_tokens, wall, compute_s, writer.wait_s, writer.flush_s, manifest,
-                        ext.logits_path)
+                        ext.logits_path, ext.capture)
     if report is not None:
         report.update(asdict(rep))
     if progress if summary is None else summary:

@@ -157,10 +157,11 @@ class Eagle3Draft(nn.Module):
         return self.fc(aux_hidden.to(self.fc.weight.dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        e = self.embed_tokens(input_ids)
+        # cast first: the embedding may be the target's bf16 matrix shared with an fp32 head
+        e = self.embed_tokens(input_ids).to(self.fc.weight.dtype)
         if self.embed_scale != 1.0:
             e = e * self.embed_scale
-        return e.to(self.fc.weight.dtype)
+        return e
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits from the layer's (pre-norm) output hidden."""

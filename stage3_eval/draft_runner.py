@@ -40,14 +40,29 @@ def load_draft(head_dir: str | Path, target_model, *, device=None, dtype=None) -
         raise HeadError(f"{Path(head_dir) / 'config.json'}: layer ids {layer_ids} outside 0..{L} "
                         f"(the target has {L} layers)")
     emb = target_model.get_input_embeddings().weight.detach()
-    model = Eagle3Draft(config, embed_weight=emb.float())
+    model = Eagle3Draft(config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if not m.startswith(("embed_tokens.", "rotary."))]
     if missing or unexpected:
         raise HeadError(f"{head_dir}: weights do not fit the head config (missing {missing}, unexpected {unexpected})")
     dev = device if device is not None else emb.device
+    # Drop the freshly initialised [V, h] matrix before converting, then share the target's.
+    model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device=torch.device("cpu")), requires_grad=False)
     model.to(device=dev, dtype=dtype or torch.float32).eval()
+    share_target_embedding(model, emb, dev)
     return model
+
+
+def share_target_embedding(model: Eagle3Draft, emb: torch.Tensor, device) -> None:
+    """Point the head's frozen embedding at the target's matrix, in the target's dtype.
+
+    A [V, h] matrix is ~1 GB at 8B scale in fp32: the head reads the target's own
+    tensor (no copy when it sits on the head's device) and casts the looked-up rows to
+    the head's dtype (Eagle3Draft.embed), which gives the values an fp32 copy would.
+    The parameter is a new object over the same storage, so a later `model.to(...)`
+    replaces the head's reference and never converts the target's weight.
+    """
+    model.embed_tokens.weight = torch.nn.Parameter(emb.detach().to(device), requires_grad=False)
 
 
 def head_layer_ids(model: Eagle3Draft) -> list[int]:
@@ -94,11 +109,13 @@ class DraftRunner:
         return self.model.logits(self.root_hidden)
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return self.target_ids[draft_ids.to(self.device)].cpu()
+        """Target-vocab ids, on the drafter's device (where the tree is built)."""
+        return self.target_ids[draft_ids.to(self.device)]
 
     def probs_to_target(self, q: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.target_vocab, dtype=torch.float32)
-        out[self.target_ids.cpu()] = q.float().cpu()
+        """Draft-vocab probabilities [..., Vd] -> target vocab [..., V] (zeros outside the draft vocab)."""
+        out = torch.zeros(*q.shape[:-1], self.target_vocab, dtype=torch.float32, device=self.device)
+        out[..., self.target_ids] = q.float().to(self.device)
         return out
 
     # -- tree drafting ---------------------------------------------------------------
@@ -123,13 +140,15 @@ class DraftRunner:
         ids = build.tokens[frontier].to(self.device)[None]
         pos = (self.last_pos + build.depth[frontier]).to(self.device)[None]  # depth d at t + d
         S = self.cache_len
-        slots = torch.cat(self._slots) if self._slots else torch.zeros(0, dtype=torch.long)
+        # The mask is built where the tree lives (the drafter's device): no host round trip per level.
+        slots = torch.cat(self._slots) if self._slots else frontier.new_zeros(0)
         anc = build.anc[frontier]
-        mask = torch.cat((torch.ones(F_, S, dtype=torch.bool), anc[:, slots], anc[:, frontier]), dim=1)
+        mask = torch.cat((torch.ones(F_, S, dtype=torch.bool, device=anc.device), anc[:, slots], anc[:, frontier]),
+                         dim=1)
         past = self.past
         if self._tk:
             past = (torch.cat((self.past[0], *self._tk), dim=2), torch.cat((self.past[1], *self._tv), dim=2))
-        out, (k, v) = m.step(hidden_in, ids, pos, past=past, attn_mask=mask.to(self.device)[None, None])
+        out, (k, v) = m.step(hidden_in, ids, pos, past=past, attn_mask=mask[None, None])
         self._tk.append(k[:, :, -F_:])
         self._tv.append(v[:, :, -F_:])
         self._slots.append(frontier.clone())

@@ -5,9 +5,22 @@ same KV-cache path, greedy at temperature 0), then every head/method pair decode
 the same prompt; timings are interleaved this way so machine load hits both alike.
 Each timing is the minimum over `eval.repeats` runs, after `eval.warmup` untimed
 runs. Turn 2 of an MT-bench question follows the target's own (baseline) answer.
+
+Lossless check (greedy). A speculative output must equal the baseline token for
+token. Where they first differ, the target is run once more over the baseline
+prefix and the difference is a *tie* when the target's logit for the speculative
+token is within `TIE_ULPS` units in the last place (of the target's dtype, at the
+top-1 logit's magnitude) of its top-1 logit: batched verification and one-token
+decoding round differently in bf16 (ulp 0.125 at a logit of 20, so a tie is a gap
+of <= 0.5 there; in fp32 the same rule allows ~8e-6), and a near-tied argmax may
+flip. Ties are counted and listed, not failures; anything else is a failure.
+Before any decoding with tree methods, the tree-verification path is checked
+against sequential decoding (TargetRunner.check_tree_verify) and eval refuses to
+run when they disagree.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -39,11 +52,47 @@ def _eos_ids(tok, model) -> set[int]:
     return ids
 
 
+TIE_ULPS = 4
+
+
+def tie_tolerance(top1_logit: float, dtype: torch.dtype) -> float:
+    """TIE_ULPS units in the last place of `dtype` at the magnitude of the top-1 logit."""
+    mag = max(abs(float(top1_logit)), 1e-30)
+    return TIE_ULPS * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(mag))
+
+
+@torch.no_grad()
+def mismatch_detail(runner: TargetRunner, prompt_ids: list[int], base: list[int], spec: list[int],
+                    pos: int) -> dict:
+    """Where spec decoding first left the baseline: the target's top-1/top-2 margin there, and tie or not."""
+    d: dict = {"position": pos, "base_token": base[pos] if pos < len(base) else None,
+               "spec_token": spec[pos] if pos < len(spec) else None}
+    if d["base_token"] is None or d["spec_token"] is None:  # one output ended early: never a tie
+        d.update(tie=False, reason="lengths differ")
+        return d
+    seq = torch.tensor(list(prompt_ids) + list(base[:pos]), dtype=torch.long, device=runner.device)[None]
+    try:
+        logits = runner.model(input_ids=seq, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+    except TypeError:  # remote code without logits_to_keep
+        logits = runner.model(input_ids=seq, use_cache=False).logits[0, -1].float()
+    top = logits.topk(2)
+    top1, top2 = (float(v) for v in top.values)
+    gap = top1 - float(logits[d["spec_token"]])
+    tol = tie_tolerance(top1, runner.dtype)
+    d.update(top1_token=int(top.indices[0]), top1_logit=top1, top2_logit=top2, margin=top1 - top2,
+             spec_token_gap=gap, tolerance=tol, tie=gap <= tol)
+    return d
+
+
 def _first_mismatch(a: list[int], b: list[int]):
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
 
 
 def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
@@ -64,7 +113,12 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     eos = _eos_ids(tok, model)
     base_s = settings_for(cfg, "plain")
     sampling = e.temperature > 0
-    gen = torch.Generator().manual_seed(e.seed)
+    gen = torch.Generator(device=base_runner.device).manual_seed(e.seed)
+    tree_check = None
+    if prompts and "tree" in methods:  # refuses (TargetRunError) when tree masks are not honoured
+        tree_check = base_runner.check_tree_verify(render(tok, [{"role": "user", "content": prompts[0].turns[0]}]))
+        for _, _, tr in drafts:  # the same model: the same mask convention
+            tr.mask_convention = base_runner.mask_convention
 
     def timed(runner, drafter, ids, s):
         best = None
@@ -100,12 +154,14 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                 for m in methods:
                     r = timed(tr, dr, ids, settings_for(cfg, m))
                     match = None if sampling else (r.tokens == base.tokens)
+                    first = None if match in (None, True) else _first_mismatch(r.tokens, base.tokens)
                     records[(hi, m)].append({
                         "id": p.id, "turn": turn + 1, "new_tokens": r.new_tokens, "passes": r.forward_passes,
                         "accept_lengths": r.accept_lengths, "drafted_depths": r.drafted_depths,
                         "wall_s": r.wall_s, "base_new_tokens": base.new_tokens, "base_wall_s": base.wall_s,
-                        "match": match, "first_mismatch": None if match in (None, True)
-                        else _first_mismatch(r.tokens, base.tokens)})
+                        "match": match, "first_mismatch": first,
+                        "mismatch": None if first is None
+                        else mismatch_detail(base_runner, ids, base.tokens, r.tokens, first)})
             answer = base.tokens[:-1] if base.tokens and base.tokens[-1] in eos else base.tokens
             messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
             if bar is not None:
@@ -123,6 +179,9 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                      "torch_threads": torch.get_num_threads()},
         "heads": [],
     }
+    dt = _dtype_name(base_runner.dtype)
+    report["settings"]["tie_rule"] = f"spec token's logit within {TIE_ULPS} ulp ({dt}) of the target's top-1 logit"
+    report["tree_verify_check"] = tree_check
     for hi, (h, _, _) in enumerate(drafts):
         entry = {"head": str(h), "name": Path(h).name if Path(h).name != "head" else str(h), "methods": []}
         for m in methods:

@@ -1,5 +1,9 @@
 """report.json + report.md + report.png for one eval run (one or several heads).
 
+Lossless (greedy): "lossless" = no failure, ties allowed (see stage3_eval.evaluate);
+"lossless_failures" and "lossless_ties" count them; "mismatched_prompts" lists both,
+each with the target's top-1/top-2 margin at the first differing position.
+
 report.json layout:
   {"target": ..., "prompts": [...], "settings": {...},
    "heads": [{"head": DIR, "offline": {acc, acc_std, loss, loss_std, simulated_tau, ...} | {"skipped": why},
@@ -38,8 +42,9 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
     base_tps = base_new / base_s if base_s > 0 else None
     spec_tps = new / spec_s if spec_s > 0 else None
     checked = [r for r in runs if r["match"] is not None]
-    mism = [{"id": r["id"], "turn": r["turn"], "first_mismatch": r["first_mismatch"]}
-            for r in checked if not r["match"]]
+    mism = [{"id": r["id"], "turn": r["turn"], "first_mismatch": r["first_mismatch"],
+             **_mismatch_fields(r.get("mismatch"))} for r in checked if not r["match"]]
+    ties = sum(1 for x in mism if x.get("tie"))
     return {
         "method": method,
         "num_prompts": len({r["id"] for r in runs}),
@@ -55,11 +60,33 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
         "baseline_tokens_per_s": base_tps,
         "spec_tokens_per_s": spec_tps,
         "speedup": (spec_tps / base_tps) if base_tps and spec_tps else None,
-        "lossless": (not mism) if checked else None,
+        "lossless": (len(mism) == ties) if checked else None,
+        "lossless_failures": (len(mism) - ties) if checked else None,
+        "lossless_ties": ties if checked else None,
         "mismatched_prompts": mism,
         "per_prompt": [{k: r[k] for k in ("id", "turn", "new_tokens", "passes", "wall_s", "base_wall_s", "match")}
                        for r in runs],
     }
+
+
+def _mismatch_fields(d) -> dict:
+    """tie + the target's margin at the first difference (a record without detail is a failure)."""
+    if not d:
+        return {}
+    return {"tie": bool(d.get("tie", False)), "margin": d.get("margin"), "spec_token_gap": d.get("spec_token_gap"),
+            "tolerance": d.get("tolerance"), "base_token": d.get("base_token"), "spec_token": d.get("spec_token")}
+
+
+def _lossless_cell(m: dict) -> str:
+    if m["lossless"] is None:
+        return "n/a (sampling)"
+    ties = m.get("lossless_ties") or 0
+    fails = m.get("lossless_failures")
+    fails = len(m["mismatched_prompts"]) - ties if fails is None else fails
+    tie_s = f"{ties} tie{'s' if ties != 1 else ''}"
+    if fails == 0:
+        return "yes" if not ties else f"yes ({tie_s})"
+    return f"NO ({fails} mismatched, {tie_s})"
 
 
 def _f(x, fmt="{:.3f}") -> str:
@@ -71,7 +98,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Speculative decoding: {report.get('target', '')}", "",
              f"prompts: {', '.join(report.get('prompts', []))}; max_new_tokens {s.get('max_new_tokens')}, "
              f"temperature {s.get('temperature')}; chain k={s.get('draft_tokens')}; "
-             f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}", "",
+             f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}"
+             + (f"; lossless tie: {s['tie_rule']}" if s.get("tie_rule") else ""), "",
              "| head | method | prompts | new tokens | target passes | τ | acceptance by depth | "
              "baseline tok/s | spec tok/s | speed-up | lossless |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
@@ -79,18 +107,27 @@ def markdown(report: dict) -> str:
         name = h.get("name", h["head"])
         for m in h["methods"]:
             acc = " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
-            loss = {True: "yes", False: f"NO ({len(m['mismatched_prompts'])} mismatched)", None: "n/a (sampling)"}
             lines.append(f"| {name} | {m['method']} | {m['num_prompts']} | {m['new_tokens']} | "
                          f"{m['target_forward_passes']} | {_f(m['tau'])} | {acc} | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | "
-                         f"{_f(m['spec_tokens_per_s'], '{:.1f}')} | {_f(m['speedup'], '{:.2f}×')} | {loss[m['lossless']]} |")
+                         f"{_f(m['spec_tokens_per_s'], '{:.1f}')} | {_f(m['speedup'], '{:.2f}×')} | {_lossless_cell(m)} |")
     for h in report["heads"]:
         if h.get("offline") is not None:
             lines += ["", f"## {h.get('name', h['head'])}", "", offline_markdown(h["offline"])]
         for m in h["methods"]:
             if m["mismatched_prompts"]:
-                lines += ["", f"mismatches ({h.get('name')}, {m['method']}): " +
-                          ", ".join(f"{x['id']}#turn{x['turn']}@{x['first_mismatch']}" for x in m["mismatched_prompts"])]
+                lines += ["", f"mismatches ({h.get('name')}, {m['method']}; tie = the target's top-1 and the "
+                          f"speculative token within the stated tolerance): " +
+                          ", ".join(_mismatch_text(x) for x in m["mismatched_prompts"])]
     return "\n".join(lines) + "\n"
+
+
+def _mismatch_text(x: dict) -> str:
+    where = f"{x['id']}#turn{x['turn']}@{x['first_mismatch']}"
+    if x.get("margin") is None:
+        return f"{where} (failure)"
+    kind = "tie" if x.get("tie") else "failure"
+    return f"{where} ({kind}: top-1/top-2 margin {x['margin']:.3g}, spec token gap {x['spec_token_gap']:.3g}, " \
+           f"tolerance {x['tolerance']:.3g})"
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from stage3_eval.target_runner import TargetRunner
-from stage3_eval.tree import DraftTree, build_tree, greedy_accept, sample_accept, target_probs, verify_mask, \
-    verify_positions
+from stage3_eval.tree import DraftTree, build_tree, greedy_accept, sample_accept, sample_from, target_probs, \
+    verify_mask, verify_positions
 
 
 @dataclass
@@ -85,43 +85,47 @@ def generate(target: TargetRunner, drafter, prompt_ids: list[int], s: DecodeSett
     if spec:
         drafter.reset()
     p = len(prompt_ids)
-    ids = torch.tensor(prompt_ids, dtype=torch.long)
+    dev = target.device  # every tensor handed to the target is made there; the drafter moves its own
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
     res = GenResult(tokens=[], forward_passes=0, prefill_passes=0)
     if p > 1:
-        o = target.forward(cache, ids[:-1], torch.arange(p - 1), want_logits=False, want_aux=spec)
+        o = target.forward(cache, ids[:-1], torch.arange(p - 1, device=dev), want_logits=False, want_aux=spec)
         res.prefill_passes = 1
         if spec:
-            drafter.commit(o.aux, ids[1:], torch.arange(p - 1))
-    root, n = int(ids[-1]), p - 1  # root token and its position
+            drafter.commit(o.aux, ids[1:], torch.arange(p - 1, device=dev))
+    root, n = int(prompt_ids[-1]), p - 1  # root token and its position
     top_k, depth, total = s.tree_shape() if spec else (1, 0, 0)
     out: list[int] = []
     while True:
         tree = build_tree(drafter, top_k=top_k, depth=depth, total_tokens=total, temperature=s.temperature,
                           gen=gen) if spec else None
         N = tree.size if tree is not None else 0
-        tokens = torch.cat((torch.tensor([root]), tree.tokens)) if N else torch.tensor([root])
-        mask = None if (N == 0 or tree.is_chain) else verify_mask(tree)
-        pos = verify_positions(tree, n) if N else torch.tensor([n])
+        root_t = torch.full((1,), root, dtype=torch.long, device=dev)
+        tokens = torch.cat((root_t, tree.tokens.to(dev))) if N else root_t
+        # top_k == 1 grows a chain by construction: known without reading the tree back
+        mask = None if (N == 0 or top_k == 1) else verify_mask(tree)
+        pos = verify_positions(tree, n).to(dev) if N else torch.full((1,), n, dtype=torch.long, device=dev)
         o = target.forward(cache, tokens, pos, mask, want_aux=spec)
         res.forward_passes += 1
         if sampling:
             P = target_probs(o.logits, s.temperature, s.top_p)
-            path, bonus = sample_accept(tree, P, gen) if N else ([], int(torch.multinomial(P[0], 1, generator=gen)))
+            path, bonus = sample_accept(tree, P, gen) if N else ([], sample_from(P[0], gen))
         else:
             nxt = o.logits.argmax(-1)
             path, bonus = greedy_accept(tree, nxt) if N else ([], int(nxt[0]))
-        new = ([int(t) for t in tree.tokens[path]] if path else []) + [bonus]
+        new = (tree.tokens[path].tolist() if path else []) + [bonus]
         if spec:
             res.accept_lengths.append(len(path))
             res.drafted_depths.append(int(tree.depth.max()) if N else 0)
         kept, done = _finish(out, new, eos, s.max_new_tokens)
         if done:
             break
-        keep = torch.tensor([0] + [i + 1 for i in path], dtype=torch.long)
+        keep = torch.tensor([0] + [i + 1 for i in path], dtype=torch.long, device=dev)
         if N:
             target.prune(cache, n, keep)
         if spec:
-            drafter.commit(o.aux[keep], torch.tensor(new, dtype=torch.long), n + torch.arange(len(new)))
+            drafter.commit(o.aux[keep], torch.tensor(new, dtype=torch.long, device=dev),
+                           n + torch.arange(len(new), device=dev))
         n += len(new)
         root = bonus
     res.tokens = out

@@ -7,9 +7,19 @@ reads (layer ids = indices into HF's `output_hidden_states`, from the head confi
 `prune` keeps only the accepted cache entries, contiguous (a chain) or not (a tree
 path), so the cache afterwards is the one plain decoding of the same tokens builds.
 The plain greedy baseline uses the same `forward` with one token a step.
+
+Tree masks. Only some attention implementations read an arbitrary 4D mask: sdpa
+and eager do; flash-attention reads a 4D mask as a 2D padding mask (the tree
+becomes garbage), and remote code built on the legacy 4D-mask helpers inverts it.
+So a tree pass runs with `sdpa` whatever the target was loaded with (chain, prefill
+and plain decoding keep the loaded implementation), and `check_tree_verify` (run
+before any decoding) compares tree-verify logits with plain sequential decoding:
+it keeps the first mask convention that agrees (transformers' additive one, else
+the legacy 1 = attend one) and refuses to go on when none does, whatever the cause.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +29,27 @@ import torch
 
 class TargetRunError(RuntimeError):
     pass
+
+
+MASK_ATTN = ("sdpa", "eager")  # implementations that read an arbitrary additive 4D mask
+TREE_ATTN = "sdpa"             # what a tree pass switches to when the target uses another one
+# How a 4D tree mask is encoded: transformers' additive 0/-inf, or the legacy 1 = attend that
+# remote code built on _prepare_4d_causal_attention_mask expects (it inverts the mask itself).
+MASK_CONVENTIONS = ("additive", "binary")
+
+# A small fixed tree for the start-up check: two roots' children, a grandchild on each
+# branch and one great-grandchild, so rows see siblings and cousins they must not attend to.
+CHECK_PARENTS = (-1, -1, 0, 1, 2, 0)
+
+
+def check_tolerance(dtype) -> float:
+    """Allowed max |tree - sequential| logit difference, relative to the largest logit.
+
+    Batched and one-token passes round differently: measured on SmolLM2-135M (30 layers,
+    CPU) 1.1e-6 relative in fp32 and 1.5e-2 in bf16 (0.58 at a largest logit of 40). A wrong mask changes
+    logits by O(1) relative (measured on the tests' tiny model: 0.85 for a mask ignored
+    as flash-attention does, 1.1 for an inverted one), far above both."""
+    return 6e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
 
 
 @dataclass
@@ -44,6 +75,38 @@ class TargetRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.eos_ids = _eos_ids(cfg)
+        self.attn_implementation = getattr(cfg, "_attn_implementation", None)
+        # every config object the model's modules read their attention implementation from
+        self._attn_configs = list({id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+                                   if hasattr(c, "_attn_implementation_internal")}.values())
+        self.tree_check: Optional[dict] = None
+        self.mask_convention = MASK_CONVENTIONS[0]  # check_tree_verify may switch it
+
+    def _tree_mask_4d(self, tree_mask: torch.Tensor, S: int) -> torch.Tensor:
+        """[1, 1, T, S+T] over the cached prefix (always visible) and the new rows."""
+        T = tree_mask.shape[0]
+        if self.mask_convention == "additive":  # 0 = attend, dtype-min = masked (transformers' own)
+            full = torch.zeros(1, 1, T, S + T, dtype=self.dtype, device=self.device)
+            full[0, 0, :, S:].masked_fill_(~tree_mask, torch.finfo(self.dtype).min)
+        else:  # "binary": 1 = attend, 0 = masked (legacy _prepare_4d_causal_attention_mask helpers invert it)
+            full = torch.ones(1, 1, T, S + T, dtype=self.dtype, device=self.device)
+            full[0, 0, :, S:] = tree_mask.to(self.dtype)
+        return full
+
+    @contextlib.contextmanager
+    def mask_capable_attention(self):
+        """Run the body with an attention implementation that reads a 4D mask (see the module doc)."""
+        if self.attn_implementation in MASK_ATTN or self.attn_implementation is None:
+            yield
+            return
+        saved = [(c, c._attn_implementation_internal) for c in self._attn_configs]
+        try:
+            for c, _ in saved:
+                c._attn_implementation_internal = TREE_ATTN
+            yield
+        finally:
+            for c, v in saved:
+                c._attn_implementation_internal = v
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -65,17 +128,22 @@ class TargetRunner:
         T = int(input_ids.shape[0])
         S = self.cache_len(cache)
         kw = {self._cache_kw: cache, "use_cache": True, "position_ids": positions.view(1, T).to(self.device)}
+        attn = contextlib.nullcontext()
         if tree_mask is not None:
-            # An additive float mask works for every attention implementation (eager adds it,
-            # sdpa takes it as is); HF passes a 4D mask through untouched.
-            full = torch.zeros(1, 1, T, S + T, dtype=self.dtype, device=self.device)
-            full[0, 0, :, S:].masked_fill_(~tree_mask.to(self.device), torch.finfo(self.dtype).min)
-            kw["attention_mask"] = full
+            # A 4D float mask (HF passes it through untouched) in the convention the check chose;
+            # implementations that cannot read one are switched to sdpa for this pass.
+            kw["attention_mask"] = self._tree_mask_4d(tree_mask.to(self.device), S)
+            attn = self.mask_capable_attention()
         if want_aux:
-            kw["output_hidden_states"] = True
+            if self.layer_ids is None:
+                raise TargetRunError("aux hidden states asked for but no layer ids were given")
+            # transformers 5 keeps only the listed states (None elsewhere); code that only
+            # tests truthiness returns them all, indexed the same way
+            kw["output_hidden_states"] = sorted(set(self.layer_ids))
         if not want_logits:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids.view(1, T).to(self.device), **kw)
+        with attn:
+            out = self.model(input_ids=input_ids.view(1, T).to(self.device), **kw)
         aux = None
         if want_aux:
             hs = out.hidden_states
@@ -84,6 +152,70 @@ class TargetRunner:
             aux = torch.cat([hs[i][0] for i in self.layer_ids], dim=-1)
         logits = out.logits[0].float() if want_logits else None
         return TargetOut(logits=logits, aux=aux)
+
+    @torch.no_grad()
+    def check_tree_verify(self, prompt_ids: list[int], tol: Optional[float] = None) -> dict:
+        """Tree-verify logits against plain sequential decoding; picks the mask convention or refuses.
+
+        A prefix of `prompt_ids` is prefilled, then one tree pass verifies the nodes of
+        CHECK_PARENTS (tokens taken from the prompt); each row must give the logits a
+        cache-free forward over prefix + that row's path gives. The additive convention
+        (transformers' own) is tried first, then the legacy 1 = attend one; the first that
+        agrees is kept in `mask_convention`. Raises TargetRunError when none does.
+        """
+        ids = [int(t) for t in prompt_ids][:16]
+        if len(ids) < 2:
+            raise TargetRunError("the tree-verification check needs a prompt of at least 2 tokens")
+        tol = check_tolerance(self.dtype) if tol is None else tol
+        tried = {}
+        for conv in MASK_CONVENTIONS:
+            self.mask_convention = conv
+            res = self._compare_tree_with_sequential(ids, tol)
+            tried[conv] = res
+            if res["ok"]:
+                break
+        self.tree_check = {**res, "tol": tol, "mask_convention": conv, "attn_implementation": self.attn_implementation,
+                           "tree_attn_implementation": self.attn_implementation
+                           if self.attn_implementation in MASK_ATTN else TREE_ATTN,
+                           "tried": {c: r["rel_diff"] for c, r in tried.items()}}
+        if not res["ok"]:
+            self.mask_convention = MASK_CONVENTIONS[0]
+            worst = ", ".join(f"{c}: rows {r['rows_bad']} off by up to {r['max_abs_diff']:.3g}"
+                              for c, r in tried.items())
+            raise TargetRunError(
+                f"tree verification disagrees with sequential decoding on a {len(CHECK_PARENTS)}-node test "
+                f"tree with every mask convention ({worst}; largest logit {res['max_abs_logit']:.3g}, allowed "
+                f"{tol:g} x that). The target's attention does not honour a 4D tree mask (loaded with "
+                f"attn_implementation={self.attn_implementation!r}, tree passes use "
+                f"{self.tree_check['tree_attn_implementation']!r}). Load the target with "
+                f"target.attn_implementation: sdpa or eager, or evaluate with eval.method: [chain] "
+                f"(chains pass no mask)")
+        return self.tree_check
+
+    @torch.no_grad()
+    def _compare_tree_with_sequential(self, ids: list[int], tol: float) -> dict:
+        from stage3_eval.tree import DraftTree, verify_mask, verify_positions
+
+        n, dev = len(ids) - 1, self.device
+        toks = [ids[(3 * i + 1) % len(ids)] for i in range(len(CHECK_PARENTS))]
+        tree = DraftTree.from_parents(toks, list(CHECK_PARENTS), device=dev)
+        cache = self.new_cache()
+        self.forward(cache, torch.tensor(ids[:-1], device=dev), torch.arange(n, device=dev),
+                     want_logits=False, want_aux=False)
+        rows = torch.cat((torch.tensor(ids[-1:], device=dev), tree.tokens))
+        got = self.forward(cache, rows, verify_positions(tree, n), verify_mask(tree), want_aux=False).logits
+        ref = []
+        for r in range(tree.size + 1):
+            path = [] if r == 0 else tree.anc[r - 1].nonzero().flatten().tolist()
+            seq = torch.tensor(ids + [toks[j] for j in path], device=dev)[None]
+            ref.append(self.model(input_ids=seq, use_cache=False).logits[0, -1].float())
+        ref = torch.stack(ref)
+        scale = max(float(ref.abs().max()), 1.0)
+        err = (got - ref).abs().amax(-1)
+        bad = (err > tol * scale).nonzero().flatten().tolist()
+        diff = float(err.max())
+        return {"max_abs_diff": diff, "max_abs_logit": scale, "rel_diff": diff / scale, "rows_bad": bad,
+                "ok": not bad}
 
     @staticmethod
     def prune(cache, prefix_len: int, keep: torch.Tensor) -> None:
