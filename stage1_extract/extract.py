@@ -38,7 +38,7 @@ from schemas.cache import (
     CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
     read_cache_json,
 )
-from schemas.config import RunConfig, resolve_layers
+from schemas.config import RunConfig, check_topk, resolve_layers
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
 
@@ -503,6 +503,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
 
     layers = resolve_layers(cfg.extract.layers, int(model.config.num_hidden_layers))
     identity = cache_identity(cfg, model, tok, hf_dir, layers, paths, len(rows), which)
+    check_topk(cfg.extract.topk, identity["target"]["vocab_size"])  # before cache.json exists
     if data_stats is not None:
         st = asdict(data_stats) if is_dataclass(data_stats) else dict(vars(data_stats))
         identity["data"]["stats"] = {k: v for k, v in st.items() if k not in ("lengths", "skipped_index")}
