@@ -8,6 +8,7 @@ valid key. `key=value` overrides use dotted paths; values are parsed as YAML so
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 import typing
 from typing import Any, Literal, Optional, Union
@@ -29,6 +30,19 @@ def _numeric(annotation: Any) -> bool:
     return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
 
 
+# Config strings reach file names, job names and generated Slurm scripts, where a line break
+# ends a quoted '#SBATCH' value and starts a shell command.
+_LINE_BREAKING = ("\n", "\r", "\x00")
+
+
+def _strings(v: Any):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _strings(x)
+
+
 def _holds_bool(v: Any) -> bool:
     return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
 
@@ -44,6 +58,9 @@ class _Section(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if field is not None and _holds_bool(v) and _numeric(field.annotation):
             raise ValueError("must be a number, not a boolean (true/false)")
+        if any(c in x for x in _strings(v) for c in _LINE_BREAKING):
+            raise ValueError("must be a single line: newlines, carriage returns and NUL bytes are not allowed "
+                             "(config values reach job scripts; give each setup line as its own list entry)")
         return v
 
 
@@ -144,6 +161,9 @@ class EvalConfig(_Section):
     seed: int = 0
 
 
+_SBATCH_OPTION = re.compile(r"(#SBATCH\s+)?-{0,2}[A-Za-z][A-Za-z0-9_-]*([= ].*)?")
+
+
 class SlurmConfig(_Section):
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -153,6 +173,14 @@ class SlurmConfig(_Section):
     mem: Optional[str] = "64G"
     extra_sbatch: list[str] = Field(default_factory=list, description="extra '#SBATCH' lines, without the prefix")
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module loads, venv)")
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_options(cls, v: list[str]) -> list[str]:
+        for i, line in enumerate(v):
+            if not _SBATCH_OPTION.fullmatch(line.strip()):
+                raise ValueError(f"entry {i} {line!r} is not an sbatch option (e.g. '--qos=high' or 'exclusive')")
+        return v
 
 
 class JobsExtract(_Section):
