@@ -11,10 +11,11 @@ from pipeline.common import OVERRIDES, get_config, out, register_user_error, use
 def _register_errors() -> None:
     from schemas.cache import CacheError
     from schemas.head import HeadError
+    from stage2_train.run_state import RunStateError
     from stage2_train.trainer import TrainError
     from stage2_train.vocab import VocabError
 
-    for exc in (CacheError, HeadError, TrainError, VocabError):
+    for exc in (CacheError, HeadError, TrainError, VocabError, RunStateError):
         register_user_error(exc)
 
 

@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from schemas.config import ConfigError, RunConfig, load_config
+from schemas.disk import DiskFullError
+from schemas.locks import LockBusy
 
 console = Console(stderr=True)
 out = Console()
 
 # Errors whose message is the whole story for a user: print it, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, LockBusy, DiskFullError)
 
 
 def register_user_error(exc: type[BaseException]) -> None:

@@ -45,6 +45,62 @@ class CacheError(RuntimeError):
     """A cache that is missing, incomplete, corrupt or not what the caller expects."""
 
 
+class ShardCommitted(CacheError):
+    """The shard was committed (by another process) while this one was writing it."""
+
+
+LOCKS_DIR = ".locks"  # cache: held briefly around cache.json, target/, commits, the manifest; claim-r-of-W
+
+
+def cache_lock(root: str | Path, what: str = "writing the cache"):
+    """The cache-level lock (a context manager that waits for the holder)."""
+    from schemas.locks import DirLock
+
+    return DirLock(Path(root) / LOCKS_DIR / "cache", what)
+
+
+def worker_claim(root: str | Path, rank: int, world: int):
+    """The claim of extraction worker rank/world on a cache, held for the whole run.
+
+    Acquire with `.acquire()`: a second process with the same worker id fails with
+    a LockBusy naming the first (they would write the same shards).
+    """
+    from schemas.locks import DirLock
+
+    return DirLock(Path(root) / LOCKS_DIR / f"claim-{rank}-of-{world}", f"extract worker {rank}/{world}")
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def temp_shard_path(root: str | Path, k: int) -> Path:
+    """A temporary shard directory name that no other process uses and that names its owner."""
+    from schemas.locks import Owner
+
+    return shards_dir(root) / f"{TMP_PREFIX}{k:05d}-{Owner.me().token()}.zarr"
+
+
+def remove_dead_temp_dirs(root: str | Path, k: Optional[int] = None) -> list[Path]:
+    """Remove temporary shard dirs (of shard k, or all) whose owner process is provably dead.
+
+    A live owner's dir, or one whose owner cannot be checked (another host, an old
+    name without the owner), is left alone. Returns what was removed.
+    """
+    from schemas.locks import Owner
+
+    d = shards_dir(root)
+    if not d.is_dir():
+        return []
+    pattern = f"{TMP_PREFIX}{k:05d}-*.zarr" if k is not None else f"{TMP_PREFIX}*.zarr"
+    removed = []
+    for p in d.glob(pattern):
+        owner = Owner.parse(p.name[len(TMP_PREFIX):-len(".zarr")].split("-", 1)[-1])
+        if owner is not None and owner.is_dead():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def shard_name(k: int) -> str:
     return f"{k:05d}.zarr"
 
@@ -123,19 +179,31 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
     """Write shard k atomically: temp dir -> arrays -> shard.json (last) -> rename.
 
     `arrays` holds every name of ARRAYS with the stored dtype (hidden as uint16 bits).
-    Returns the shard.json content. A shard already committed is an error: callers skip.
+    Returns the shard.json content. A shard already committed is an error (ShardCommitted):
+    callers skip it. The temp dir is this process's own (its name holds the owner); on any
+    failure it is removed, so a cache never holds a half-written shard of a live writer.
     """
-    import zarr
-
     final = shards_dir(cache_root) / shard_name(k)
     if is_committed(final):
-        raise CacheError(f"shard {final} is already committed")
-    tmp = shards_dir(cache_root) / f".tmp-{k:05d}-{os.getpid()}.zarr"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+        raise ShardCommitted(f"shard {final} is already committed")
     missing = set(ARRAYS) - set(arrays)
     if missing:
         raise CacheError(f"write_shard: arrays missing: {sorted(missing)}")
+    tmp = temp_shard_path(cache_root, k)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = _write_shard_files(tmp, k, arrays, compressor, chunk_rows, extra)
+        _commit_shard(cache_root, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours alone; on a full disk this frees the space
+        raise
+    return info
+
+
+def _write_shard_files(tmp: Path, k: int, arrays: dict[str, np.ndarray], compressor: str, chunk_rows: int,
+                       extra: Optional[dict]) -> dict:
+    import zarr
+
     comp = make_compressor(compressor)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     checksums = {}
@@ -167,14 +235,27 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
         **(extra or {}),
     }
     (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
-    os.replace(tmp, final) if not final.exists() else _replace_dir(tmp, final)
     return info
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    # A leftover uncommitted directory (no shard.json) from a killed run: replace it.
-    shutil.rmtree(final)
-    os.replace(tmp, final)
+def _commit_shard(root: str | Path, tmp: Path, final: Path) -> None:
+    """Rename tmp into place under the cache lock; a committed shard is never replaced.
+
+    Under the lock, nobody else commits, so checking and renaming cannot interleave
+    with another writer; os.rename of a directory also refuses a non-empty target,
+    which keeps a committed shard safe even from a writer that ignores the lock.
+    """
+    with cache_lock(root, f"committing {final.name}"):
+        if is_committed(final):
+            raise ShardCommitted(f"shard {final} was committed by another process meanwhile")
+        if final.exists():  # an uncommitted leftover (no shard.json) of a killed run: move it aside first
+            trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            raise CacheError(f"cannot commit {tmp.name} as {final}: {e.strerror}") from None
 
 
 def dir_bytes(path: Path) -> int:
@@ -187,6 +268,11 @@ def build_manifest(cache_root: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     root = Path(cache_root)
+    with cache_lock(root, "writing the manifest"):  # the shards listed are the shards committed
+        return _write_manifest(root, pa, pq)
+
+
+def _write_manifest(root: Path, pa, pq) -> Path:
     rows = []
     for k in committed_shards(root):
         p = shards_dir(root) / shard_name(k)
@@ -199,9 +285,12 @@ def build_manifest(cache_root: str | Path) -> Path:
                         ("disk_bytes", pa.int64())])
     table = pa.Table.from_pylist(rows, schema=schema)
     out = root / MANIFEST
-    tmp = root / (MANIFEST + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    tmp = root / f"{MANIFEST}.tmp{os.getpid()}"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

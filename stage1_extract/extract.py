@@ -35,8 +35,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from schemas.cache import (
-    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
-    read_cache_json,
+    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, cache_lock, committed_shards,
+    file_sha256, read_cache_json,
 )
 from schemas.config import RunConfig, check_topk, resolve_layers
 from stage1_extract.workers import Worker, resolve_worker
@@ -508,7 +508,8 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
         st = asdict(data_stats) if is_dataclass(data_stats) else dict(vars(data_stats))
         identity["data"]["stats"] = {k: v for k, v in st.items() if k not in ("lengths", "skipped_index")}
     probe = torch.from_numpy(rows[0][1][:32].astype(np.int64))[None]
-    meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
+    with cache_lock(root, f"preparing the cache (extract worker {w})"):  # one writer of cache.json / target/
+        meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
 
     S = cfg.extract.samples_per_shard
     n_shards = math.ceil(len(rows) / S)
@@ -520,7 +521,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
 
     ext = Extractor(model, layers, K, cfg.extract.logits_chunk_tokens)
     writer = ShardWriter(root, hidden_size=H, topk=K, vocab_size=V, compressor=cfg.extract.compressor,
-                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
+                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue, worker=(w.rank, w.world),
                          shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
                                                 "hidden_size": H, "topk": K, "layers": layers})
     total_samples = sum(min(len(rows), (k + 1) * S) - k * S for k in todo)

@@ -11,7 +11,7 @@ and the target only waits when the disk is the bottleneck.
 from __future__ import annotations
 
 import queue
-import shutil
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +21,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from schemas.cache import ARRAYS, shards_dir, write_shard
+from schemas.cache import ARRAYS, ShardCommitted, remove_dead_temp_dirs, worker_claim, write_shard
+from schemas.disk import disk_full, is_disk_full
+from schemas.locks import LockBusy
 
 
 class WriterError(RuntimeError):
@@ -114,8 +116,11 @@ class ShardWriter:
     def __init__(self, cache_root: str | Path, *, hidden_size: int, topk: int, vocab_size: int,
                  compressor: str = "zstd", chunk_rows: int = 2048, queue_size: int = 4,
                  shard_extra: Optional[Callable[[ShardPlan], dict]] = None,
-                 on_commit: Optional[Callable[[dict], None]] = None):
+                 on_commit: Optional[Callable[[dict], None]] = None, worker: Optional[tuple[int, int]] = None):
         self.root = Path(cache_root)
+        # The worker's claim on the cache: a second process with the same worker id fails here,
+        # naming the first; it is held until close()/abort() (or the process dies).
+        self._claim = self._take_claim(worker) if worker is not None else None
         self.hidden_size, self.topk, self.vocab_size = hidden_size, topk, vocab_size
         self.compressor, self.chunk_rows = compressor, chunk_rows
         self.shard_extra = shard_extra or (lambda plan: {})
@@ -130,6 +135,15 @@ class ShardWriter:
         self._asm: dict[int, _Assembly] = {}
         self._thread = threading.Thread(target=self._run, name="eagle3-writer", daemon=True)
         self._thread.start()
+
+    def _take_claim(self, worker: tuple[int, int]):
+        claim = worker_claim(self.root, *worker)
+        try:
+            return claim.acquire()
+        except LockBusy:
+            raise WriterError(f"{self.root}: extract worker {worker[0]}/{worker[1]} is already running on this cache "
+                              f"({claim.holder()}); two processes with one worker id would write the same shards. "
+                              f"Wait for it to finish, or give this run another --worker") from None
 
     # ------------------------------------------------------------------ producer side
     @property
@@ -158,10 +172,13 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every queued shard to be written; re-raise a writer failure."""
-        self._put(None)
-        self._thread.join()
-        self._flusher.shutdown(wait=True)
-        self._raise_if_failed()
+        try:
+            self._put(None)
+            self._thread.join()
+            self._flusher.shutdown(wait=True)
+            self._raise_if_failed()
+        finally:
+            self._release_claim()
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after a compute error)."""
@@ -177,6 +194,11 @@ class ShardWriter:
             pass
         self._thread.join(timeout=60)
         self._flusher.shutdown(wait=True)
+        self._release_claim()
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None and not (isinstance(self.error, WriterError) and str(self.error) == "aborted"):
@@ -215,11 +237,19 @@ class ShardWriter:
 
     def _flush(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> dict:
         t0 = time.perf_counter()
-        # Temp dirs of this shard left by a killed run are ours to remove (we own shard k now).
-        for stale in shards_dir(self.root).glob(f".tmp-{plan.shard:05d}-*.zarr"):
-            shutil.rmtree(stale, ignore_errors=True)
-        info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
-                           chunk_rows=self.chunk_rows, extra=self.shard_extra(plan))
+        # Temp dirs of this shard left by a killed run go; a live process's dir is never touched.
+        remove_dead_temp_dirs(self.root, plan.shard)
+        try:
+            info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
+                               chunk_rows=self.chunk_rows, extra=self.shard_extra(plan))
+        except ShardCommitted as e:  # another worker layout wrote the same (deterministic) shard first
+            print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
+            return {}
+        except Exception as e:  # noqa: BLE001 - zarr may wrap the OSError
+            if is_disk_full(e):
+                raise disk_full(e, self.root / "shards", f"shard {plan.shard} was not committed (its temporary "
+                                f"files are removed; committed shards are intact)") from e
+            raise
         self.flush_s += time.perf_counter() - t0
         self.committed.append(info)
         if self.on_commit is not None:
