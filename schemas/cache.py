@@ -382,6 +382,9 @@ class CacheReader:
             have = self.field(key)
             if have != want:
                 raise CacheError(f"{cj}: {key} is {have!r} but {want!r} was expected")
+        from schemas.cache_check import check_cache
+
+        check_cache(self.root, self.meta)  # exactly shards 0..num_shards-1, names, duplicates, target/
         self.shard_ids = committed_shards(self.root)
         if not self.shard_ids:
             raise CacheError(f"cache {self.root} has no committed shards")

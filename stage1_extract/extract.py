@@ -38,6 +38,7 @@ from schemas.cache import (
     CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, cache_lock, committed_shards,
     file_sha256, read_cache_json,
 )
+from schemas.cache_check import target_file_checksums
 from schemas.config import RunConfig, check_topk, resolve_layers
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
@@ -407,6 +408,7 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     identity["embed_scale"] = scale
     root.mkdir(parents=True, exist_ok=True)
     _write_target_dir(root, model, tok, hf_dir, scale)
+    identity["target_files"] = target_file_checksums(root / TARGET_DIR)  # readers check them on open
     tmp = root / f".{CACHE_JSON}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(identity, indent=1))
     os.replace(tmp, cj)  # concurrent first workers write the same content
