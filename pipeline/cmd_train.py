@@ -40,10 +40,12 @@ def register(app: typer.Typer) -> None:
         out_dir: str = typer.Argument(..., metavar="OUT", help="directory to write"),
         to: str = typer.Option(..., "--to", help="serving engine: sglang or vllm"),
         dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+        force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT holding an earlier export "
+                                   "(a directory holding a model is never written into)"),
     ):
         """Write HEAD as a checkpoint for an engine, in the engine's layer-id convention."""
         _register_errors()
-        _export(head, to, out_dir, dtype)
+        _export(head, to, out_dir, dtype, force)
 
 
 @user_errors
@@ -59,8 +61,8 @@ def _train(config: str, overrides, restart: bool, progress: bool) -> None:
 
 
 @user_errors
-def _export(head: str, to: str, out_dir: str, dtype: str) -> None:
+def _export(head: str, to: str, out_dir: str, dtype: str, force: bool = False) -> None:
     from stage2_train.export import export_head
 
-    p = export_head(head, to.lower(), out_dir, dtype=dtype)
+    p = export_head(head, to.lower(), out_dir, dtype=dtype, force=force)
     out.print(f"exported {head} for {to} to {p}")
