@@ -63,3 +63,67 @@ def test_topk_above_vocab_fails_before_cache_json_and_the_corrected_run_works(tm
     assert not (cache / CACHE_JSON).exists()
     run_extract(cfg(4), progress=False)  # the corrected re-run is not refused
     assert CacheReader(cache).topk == 4
+
+
+# --------------------------------------------------------------------------- point 6: long conversations
+
+
+def _long_conversation(pairs: int) -> list[dict]:
+    msgs = [{"role": "system", "content": "You answer briefly."}]
+    for i in range(pairs):
+        msgs.append({"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"})
+        msgs.append({"role": "assistant", "content": f"The answer is {2 * i}."})
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def chat_toks():
+    from tiny import TEMPLATES, tiny_tokenizer
+
+    return {t: tiny_tokenizer(t) for t in TEMPLATES}
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "gemma", "mistral", "phi3"])
+def test_truncated_long_conversation_mask_equals_the_full_computation(chat_toks, template):
+    from stage1_extract.tokenize import tokenize_conversation
+
+    tok = chat_toks[template]
+    msgs = _long_conversation(60)
+    full = tokenize_conversation(tok, msgs, max_length=1_000_000)
+    assert not full.truncated and sum(full.loss_mask) > 0
+    for L in (1, 17, 128, 301):
+        cut = tokenize_conversation(tok, msgs, max_length=L)
+        assert cut.truncated and cut.full_length == len(full.input_ids)
+        assert cut.input_ids == full.input_ids[:L] and cut.loss_mask == full.loss_mask[:L]
+
+
+def test_a_truncated_conversation_renders_only_the_turns_before_the_cut(chat_toks, monkeypatch):
+    # issue 14 point 6: every assistant turn re-rendered the whole prefix (quadratic); with
+    # max_length 128 only the first few turns matter, whatever the length of the conversation
+    import stage1_extract.tokenize as T
+
+    calls = []
+    real = T._render
+
+    def counting(tok, messages, add_generation_prompt):
+        calls.append(len(messages))
+        if len(calls) > 100:
+            raise AssertionError("rendered more than 100 prefixes for 128 tokens")
+        return real(tok, messages, add_generation_prompt)
+
+    monkeypatch.setattr(T, "_render", counting)
+    ts = T.tokenize_conversation(chat_toks["chatml"], _long_conversation(5000), max_length=128)
+    assert ts.truncated and len(ts.input_ids) == 128
+    assert len(calls) < 20 and sorted(calls)[-2] < 30  # the full render once, then short prefixes
+
+
+def test_5000_turn_pairs_at_max_length_128_tokenize_in_under_5_seconds(chat_toks):
+    import time
+
+    from stage1_extract.tokenize import tokenize_conversation
+
+    msgs = _long_conversation(5000)
+    t0 = time.perf_counter()
+    ts = tokenize_conversation(chat_toks["chatml"], msgs, max_length=128)
+    assert time.perf_counter() - t0 < 5.0  # the issue's bound; was > 300 s (quadratic re-rendering)
+    assert ts.truncated and len(ts.input_ids) == 128 and sum(ts.loss_mask) > 0

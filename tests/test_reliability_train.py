@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +67,13 @@ def test_a_crafted_rng_pickle_in_the_checkpoint_never_runs(cache_and_target, tmp
     tag = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     marker = tmp_path / "PWNED"
     (tag / "rng_rank0.json").unlink(missing_ok=True)  # only the pickle, as an old version left it
-    with open(tag / "rng_rank0.pt", "wb") as f:  # what an attacker leaves there
-        pickle.dump(_Evil(str(marker)), f)
+    import torch
+
+    torch.save(_Evil(str(marker)), tag / "rng_rank0.pt")  # what an attacker leaves there
     p = _train(cfg, "train.max_steps=4")
+    assert not marker.exists(), "resuming unpickled a file of the output directory"
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming at step 2" in p.stdout
-    assert not marker.exists(), "resuming unpickled a file of the output directory"
     assert "rng_rank0.pt: RNG state in the old pickle format is not loaded" in p.stdout
 
 
