@@ -88,6 +88,7 @@ class DirLock:
         self.what = what
         self.timeout = timeout
         self._fd: Optional[int] = None
+        self._pid = 0  # the process that acquired: a forked child (a DataLoader worker) never unlocks
 
     @property
     def held(self) -> bool:
@@ -129,13 +130,16 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": me.pid, "host": me.host, "start": me.start, "what": self.what,
                                   "since": time.time()}).encode(), 0)
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        if os.getpid() != self._pid:  # a fork shares the lock; unlocking here would free the parent's
+            os.close(fd)
+            return
         try:
             os.ftruncate(fd, 0)  # the holder's name goes with the lock
         except OSError:

@@ -164,3 +164,19 @@ def test_two_extracts_with_one_worker_id_never_corrupt_a_shard(tmp_path):
     from schemas.cache import CacheReader
 
     assert sorted(r.sample_index for r in CacheReader(cache).refs) == list(range(12))
+
+
+def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
+    # DataLoader workers fork the trainer, which holds train.output's lock
+    from schemas.locks import DirLock, LockBusy
+
+    lock = DirLock(tmp_path / "l", "parent").acquire()
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy, as a worker would at exit
+        lock.release()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with pytest.raises(LockBusy):
+        DirLock(tmp_path / "l", "other").acquire()
+    lock.release()
+    DirLock(tmp_path / "l", "other").acquire().release()
