@@ -14,7 +14,8 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
-def _chain(e: BaseException):
+def exception_chain(e: BaseException):
+    """e, its cause or context, and so on."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -24,7 +25,7 @@ def _chain(e: BaseException):
 
 def is_disk_full(e: BaseException) -> bool:
     """ENOSPC or EDQUOT anywhere in the exception's chain (libraries wrap OSErrors)."""
-    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in _chain(e))
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in exception_chain(e))
 
 
 # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos",
@@ -60,4 +61,4 @@ def disk_full(e: BaseException, path: str | Path, state: str) -> DiskFullError:
     return err
 
 
-__all__ = ["DiskFullError", "disk_full", "is_disk_full", "looks_disk_full", "free_bytes"]
+__all__ = ["DiskFullError", "disk_full", "exception_chain", "is_disk_full", "looks_disk_full", "free_bytes"]

@@ -85,7 +85,15 @@ def save_head(out_dir: str | Path, tensors: dict, config: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (HEAD_WEIGHTS + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk in its own words
+        tmp.unlink(missing_ok=True)
+        from schemas.disk import disk_full, looks_disk_full
+
+        if looks_disk_full(e, out):
+            raise disk_full(e, out / HEAD_WEIGHTS, "the head there is unchanged") from e
+        raise
     tmp.replace(out / HEAD_WEIGHTS)
     (out / HEAD_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False))
     return out

@@ -115,3 +115,58 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_complet
     assert _cli("train", cfg(ref), "--no-progress").returncode == 0
     a, b = load_file(str(out / "last" / "model.safetensors")), load_file(str(ref / "last" / "model.safetensors"))
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+
+
+# --------------------------------------------------------------------------- without a tmpfs: ENOSPC injected
+
+
+def test_enospc_in_the_shard_writer_names_the_path_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+    import torch
+    import zarr
+
+    from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter, WriterError
+
+    real = zarr.open_group
+
+    def full(store, *a, **k):
+        real(store, *a, **k)  # the temp dir exists, as on a disk that fills up mid-write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr, "open_group", full)
+    cache = tmp_path / "cache"
+    ids = np.arange(5, dtype=np.int32)
+    plan = ShardPlan(0, np.array([0], np.int64), [ids], [np.ones(5, np.uint8)])
+    w = ShardWriter(cache, hidden_size=4, topk=2, vocab_size=50)
+    w.begin_shard(plan)
+    w.put_batch(BatchResult(0, [0], torch.zeros(5, 3, 4, dtype=torch.bfloat16), torch.zeros(5, 2, dtype=torch.int32),
+                            torch.zeros(5, 2, dtype=torch.float16)))
+    w.end_shard(0)
+    with pytest.raises(WriterError) as ei:
+        w.close()
+    assert f"no space left on device while writing {cache / 'shards'}" in str(ei.value)
+    assert "shard 0 was not committed" in str(ei.value)
+    assert list((cache / "shards").iterdir()) == []
+
+
+def test_enospc_anywhere_in_a_command_is_one_clear_line(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    import schemas.cache
+    from pipeline.cli import app
+
+    def full(root):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "manifest.parquet"))
+
+    (tmp_path / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1"}))
+    monkeypatch.setattr(schemas.cache, "build_manifest", full)
+    import pipeline.cmd_shards
+
+    monkeypatch.setattr(pipeline.cmd_shards, "build_manifest", full)
+    res = CliRunner().invoke(app, ["shards", "index", str(tmp_path)])
+    assert res.exit_code == 1
+    assert res.output.startswith(f"error: no space left on device while writing {tmp_path / 'manifest.parquet'}")
