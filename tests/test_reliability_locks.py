@@ -150,6 +150,7 @@ def test_two_extracts_with_one_worker_id_never_corrupt_a_shard(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
+    print("exit codes of the two extracts:", codes)
     errs = [e for _, e in results]
     # both finish (one after the other) or one refuses cleanly, naming the other
     assert codes in ([0, 0], [0, 1]), errs
