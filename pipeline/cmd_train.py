@@ -62,7 +62,9 @@ def _train(config: str, overrides, restart: bool, progress: bool) -> None:
 
 @user_errors
 def _export(head: str, to: str, out_dir: str, dtype: str, force: bool = False) -> None:
+    from schemas.head import check_export_dir
     from stage2_train.export import export_head
 
-    p = export_head(head, to.lower(), out_dir, dtype=dtype, force=force)
+    check_export_dir(out_dir, force)  # a non-empty OUT only with --force; a model's directory never
+    p = export_head(head, to.lower(), out_dir, dtype=dtype)
     out.print(f"exported {head} for {to} to {p}")

@@ -179,31 +179,19 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
     """Write shard k atomically: temp dir -> arrays -> shard.json (last) -> rename.
 
     `arrays` holds every name of ARRAYS with the stored dtype (hidden as uint16 bits).
-    Returns the shard.json content. A shard already committed is an error (ShardCommitted):
-    callers skip it. The temp dir is this process's own (its name holds the owner); on any
-    failure it is removed, so a cache never holds a half-written shard of a live writer.
+    Returns the shard.json content. A shard already committed is an error: callers skip.
     """
+    import zarr
+
     final = shards_dir(cache_root) / shard_name(k)
     if is_committed(final):
         raise ShardCommitted(f"shard {final} is already committed")
+    tmp = temp_shard_path(cache_root, k)  # this process's own: its name holds the owner (schemas.locks)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     missing = set(ARRAYS) - set(arrays)
     if missing:
         raise CacheError(f"write_shard: arrays missing: {sorted(missing)}")
-    tmp = temp_shard_path(cache_root, k)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        info = _write_shard_files(tmp, k, arrays, compressor, chunk_rows, extra)
-        _commit_shard(cache_root, tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours alone; on a full disk this frees the space
-        raise
-    return info
-
-
-def _write_shard_files(tmp: Path, k: int, arrays: dict[str, np.ndarray], compressor: str, chunk_rows: int,
-                       extra: Optional[dict]) -> dict:
-    import zarr
-
     comp = make_compressor(compressor)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     checksums = {}
@@ -235,7 +223,13 @@ def _write_shard_files(tmp: Path, k: int, arrays: dict[str, np.ndarray], compres
         **(extra or {}),
     }
     (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
+    _commit_shard(cache_root, tmp, final)
     return info
+
+
+def remove_own_temp_dir(root: str | Path, k: int) -> None:
+    """After a failed write_shard (e.g. a full disk): this process's temp dir of shard k goes."""
+    shutil.rmtree(temp_shard_path(root, k), ignore_errors=True)
 
 
 def _commit_shard(root: str | Path, tmp: Path, final: Path) -> None:
@@ -247,6 +241,7 @@ def _commit_shard(root: str | Path, tmp: Path, final: Path) -> None:
     """
     with cache_lock(root, f"committing {final.name}"):
         if is_committed(final):
+            shutil.rmtree(tmp, ignore_errors=True)
             raise ShardCommitted(f"shard {final} was committed by another process meanwhile")
         if final.exists():  # an uncommitted leftover (no shard.json) of a killed run: move it aside first
             trash = final.parent / f".trash-{final.name}-{os.getpid()}"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 import typing
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -33,6 +33,7 @@ def _numeric(annotation: Any) -> bool:
 # Config strings reach file names, job names and generated Slurm scripts, where a line break
 # ends a quoted '#SBATCH' value and starts a shell command.
 _LINE_BREAKING = ("\n", "\r", "\x00")
+_SBATCH_OPTION = re.compile(r"(#SBATCH\s+)?-{0,2}[A-Za-z][A-Za-z0-9_-]*([= ].*)?")
 
 
 def _strings(v: Any):
@@ -159,9 +160,6 @@ class EvalConfig(_Section):
     offline: bool = True
     output: Optional[str] = Field(None, description="default: <head>/eval")
     seed: int = 0
-
-
-_SBATCH_OPTION = re.compile(r"(#SBATCH\s+)?-{0,2}[A-Za-z][A-Za-z0-9_-]*([= ].*)?")
 
 
 class SlurmConfig(_Section):

@@ -35,11 +35,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from schemas.cache import (
-    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, cache_lock, committed_shards,
-    file_sha256, read_cache_json,
+    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
+    read_cache_json,
 )
-from schemas.cache_check import target_file_checksums
-from schemas.config import RunConfig, check_topk, resolve_layers
+from schemas.config import RunConfig, resolve_layers
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
 
@@ -408,6 +407,8 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     identity["embed_scale"] = scale
     root.mkdir(parents=True, exist_ok=True)
     _write_target_dir(root, model, tok, hf_dir, scale)
+    from schemas.cache_check import target_file_checksums
+
     identity["target_files"] = target_file_checksums(root / TARGET_DIR)  # readers check them on open
     tmp = root / f".{CACHE_JSON}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(identity, indent=1))
@@ -475,6 +476,9 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     """
     import torch
 
+    from schemas.cache import cache_lock
+    from schemas.config import check_topk
+
     if which not in ("train", "eval"):
         raise ValueError(f"which must be 'train' or 'eval', not {which!r}")
     w: Worker = resolve_worker(worker)
@@ -523,9 +527,10 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
 
     ext = Extractor(model, layers, K, cfg.extract.logits_chunk_tokens)
     writer = ShardWriter(root, hidden_size=H, topk=K, vocab_size=V, compressor=cfg.extract.compressor,
-                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue, worker=(w.rank, w.world),
+                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
                          shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
                                                 "hidden_size": H, "topk": K, "layers": layers})
+    writer.claim_worker(w.rank, w.world)  # a second process with this worker id stops here
     total_samples = sum(min(len(rows), (k + 1) * S) - k * S for k in todo)
     bar = None
     if progress:

@@ -21,9 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from schemas.cache import ARRAYS, ShardCommitted, remove_dead_temp_dirs, worker_claim, write_shard
-from schemas.disk import disk_full, is_disk_full
-from schemas.locks import LockBusy
+from schemas.cache import ARRAYS, shards_dir, write_shard
 
 
 class WriterError(RuntimeError):
@@ -116,11 +114,8 @@ class ShardWriter:
     def __init__(self, cache_root: str | Path, *, hidden_size: int, topk: int, vocab_size: int,
                  compressor: str = "zstd", chunk_rows: int = 2048, queue_size: int = 4,
                  shard_extra: Optional[Callable[[ShardPlan], dict]] = None,
-                 on_commit: Optional[Callable[[dict], None]] = None, worker: Optional[tuple[int, int]] = None):
+                 on_commit: Optional[Callable[[dict], None]] = None):
         self.root = Path(cache_root)
-        # The worker's claim on the cache: a second process with the same worker id fails here,
-        # naming the first; it is held until close()/abort() (or the process dies).
-        self._claim = self._take_claim(worker) if worker is not None else None
         self.hidden_size, self.topk, self.vocab_size = hidden_size, topk, vocab_size
         self.compressor, self.chunk_rows = compressor, chunk_rows
         self.shard_extra = shard_extra or (lambda plan: {})
@@ -133,17 +128,28 @@ class ShardWriter:
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-flush")
         self._pending: Optional[Future] = None
         self._asm: dict[int, _Assembly] = {}
+        self._claim = None  # the worker's claim on the cache (claim_worker), held until close()/abort()
         self._thread = threading.Thread(target=self._run, name="eagle3-writer", daemon=True)
         self._thread.start()
 
-    def _take_claim(self, worker: tuple[int, int]):
-        claim = worker_claim(self.root, *worker)
+    def claim_worker(self, rank: int, world: int) -> None:
+        """Claim worker id rank/world on the cache: a second process with the same id (it would
+        write the same shards) fails here, naming the first. Released by close()/abort() or death."""
+        from schemas.cache import worker_claim
+        from schemas.locks import LockBusy
+
+        claim = worker_claim(self.root, rank, world)
         try:
-            return claim.acquire()
+            self._claim = claim.acquire()
         except LockBusy:
-            raise WriterError(f"{self.root}: extract worker {worker[0]}/{worker[1]} is already running on this cache "
+            self.abort()
+            raise WriterError(f"{self.root}: extract worker {rank}/{world} is already running on this cache "
                               f"({claim.holder()}); two processes with one worker id would write the same shards. "
                               f"Wait for it to finish, or give this run another --worker") from None
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
 
     # ------------------------------------------------------------------ producer side
     @property
@@ -196,10 +202,6 @@ class ShardWriter:
         self._flusher.shutdown(wait=True)
         self._release_claim()
 
-    def _release_claim(self) -> None:
-        if self._claim is not None:
-            self._claim.release()
-
     def _raise_if_failed(self) -> None:
         if self.error is not None and not (isinstance(self.error, WriterError) and str(self.error) == "aborted"):
             raise WriterError(f"the shard writer failed: {self.error}") from self.error
@@ -237,6 +239,9 @@ class ShardWriter:
 
     def _flush(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> dict:
         t0 = time.perf_counter()
+        from schemas.cache import ShardCommitted, remove_dead_temp_dirs, remove_own_temp_dir
+        from schemas.disk import disk_full, is_disk_full
+
         # Temp dirs of this shard left by a killed run go; a live process's dir is never touched.
         remove_dead_temp_dirs(self.root, plan.shard)
         try:
@@ -246,8 +251,9 @@ class ShardWriter:
             print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
             return {}
         except Exception as e:  # noqa: BLE001 - zarr may wrap the OSError
+            remove_own_temp_dir(self.root, plan.shard)  # on a full disk this frees the space
             if is_disk_full(e):
-                raise disk_full(e, self.root / "shards", f"shard {plan.shard} was not committed (its temporary "
+                raise disk_full(e, shards_dir(self.root), f"shard {plan.shard} was not committed (its temporary "
                                 f"files are removed; committed shards are intact)") from e
             raise
         self.flush_s += time.perf_counter() - t0

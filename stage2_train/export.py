@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.head import ARCHITECTURE, WEIGHT_KEYS, HeadError, check_export_dir, load_head, save_head
+from schemas.head import ARCHITECTURE, WEIGHT_KEYS, HeadError, load_head, save_head
 from stage2_train.evaluate import hf_layer_ids
 
 ENGINES = ("sglang", "vllm")
@@ -88,8 +88,7 @@ def check_tensors(tensors: dict, config: dict, where: str) -> None:
         raise HeadError(f"{where}: t2d marks {int(tensors['t2d'].sum())} tokens but draft_vocab_size is {N}")
 
 
-def export_head(head_dir: str | Path, engine: str, out_dir: str | Path, *, dtype: str = "bfloat16",
-                force: bool = False) -> Path:
+def export_head(head_dir: str | Path, engine: str, out_dir: str | Path, *, dtype: str = "bfloat16") -> Path:
     """Write a copy of the head with the engine's layer-id convention and dtype; check what was written."""
     config, tensors = load_head(head_dir)
     check_tensors(tensors, config, str(head_dir))
@@ -113,7 +112,9 @@ def export_head(head_dir: str | Path, engine: str, out_dir: str | Path, *, dtype
     cfg["export"] = {"engine": engine, "from": str(head_dir), "hf_hidden_states_layer_ids": hf_ids,
                      "engine_layer_ids": ids}
     out_t = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in tensors.items()}
-    check_export_dir(out_dir, force)  # never into a model's directory; a non-empty one only with --force
+    from schemas.head import check_export_dir
+
+    check_export_dir(out_dir, force=True)  # never into a model's directory (the CLI also wants --force)
     save_head(out_dir, out_t, cfg)
     # Read back what was written: layout, shapes and ids.
     c2, t2 = load_head(out_dir)

@@ -38,8 +38,6 @@ from stage2_train.evaluate import cache_id, check_head_vs_cache, evaluate_model,
 from stage2_train.export import write_head
 from stage2_train.losses import ttt_forward
 from stage2_train.model import Eagle3Draft
-from stage2_train.run_state import (guarded_checkpoint, load_rng_state, lock_output, rng_file,
-                                    save_rng_state)
 from stage2_train.vocab import build_draft_vocab
 
 CKPT_DIR = "checkpoints"
@@ -320,6 +318,8 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     """Train a head from `cfg.train_cache`; returns the head directory (`train.output`)."""
     import deepspeed
     import torch.distributed as dist
+
+    from stage2_train.run_state import guarded_checkpoint, load_rng_state, lock_output, rng_file, save_rng_state
 
     tc = cfg.train
     out = Path(tc.output)
