@@ -79,7 +79,7 @@ def _edited_num_samples(c):
 
 
 def _edited_hidden_dtype(c):
-    _edit_json(c / "cache.json", lambda d: d.update(hidden_dtype="float16"))
+    _edit_json(c / "cache.json", lambda d: d.update(hidden_dtype="float8_e4m3fn"))
 
 
 def _missing_arrays(c):  # what two writers with one worker id left in the issue: arrays gone, shard.json there
@@ -103,7 +103,7 @@ CASES = {
     "edited sample count": (_edited_num_samples, "shard 00002.zarr: shard.json: 2 samples, cache.json "
                                                  "(samples_per_shard, data.num_samples) implies 3"),
     "edited hidden dtype": (_edited_hidden_dtype, "shard 00000.zarr: array hidden: logical dtype bfloat16, "
-                                                  "cache.json hidden_dtype says float16"),
+                                                  "cache.json hidden_dtype says float8_e4m3fn"),
     "arrays missing": (_missing_arrays, "shard 00001.zarr: array input_ids: missing or unreadable metadata"),
 }
 

@@ -125,17 +125,17 @@ def test_enospc_in_the_shard_writer_names_the_path_and_leaves_no_temp_dir(tmp_pa
 
     import numpy as np
     import torch
-    import zarr
 
     from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter, WriterError
 
-    real = zarr.open_group
+    real = Path.write_text
 
-    def full(store, *a, **k):
-        real(store, *a, **k)  # the temp dir exists, as on a disk that fills up mid-write
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(self, *a, **k):  # the arrays are written; the disk fills up at shard.json
+        if self.name == "shard.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(zarr, "open_group", full)
+    monkeypatch.setattr(Path, "write_text", full)
     cache = tmp_path / "cache"
     ids = np.arange(5, dtype=np.int32)
     plan = ShardPlan(0, np.array([0], np.int64), [ids], [np.ones(5, np.uint8)])
