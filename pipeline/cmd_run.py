@@ -24,7 +24,8 @@ def _register_errors() -> None:
     for e in (CacheError, HeadError, TargetError, RegenerateError, SubmitError):
         register_user_error(e)
     for mod, name in (("stage1_extract.conversations", "DataError"), ("stage1_extract.extract", "ExtractError"),
-                      ("stage1_extract.workers", "WorkerError"), ("stage2_train.trainer", "TrainError")):
+                      ("stage1_extract.workers", "WorkerError"), ("stage2_train.trainer", "TrainError"),
+                      ("stage2_train.run_state", "RunStateError")):
         try:
             register_user_error(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -47,7 +47,14 @@ def list_shards(root: Path) -> list[dict]:
             rows.append({"shard": int(p.stem), "name": p.name, "status": "incomplete (no shard.json)",
                          "samples": None, "tokens": None, "loss_tokens": None, "disk_bytes": disk, "ratio": None})
             continue
-        info = json.loads((p / SHARD_JSON).read_text())
+        try:
+            info = json.loads((p / SHARD_JSON).read_text())
+            if not all(k in info for k in ("samples", "tokens", "loss_tokens")):
+                raise KeyError("counts")
+        except (OSError, ValueError, KeyError, TypeError):  # half-written or edited: never "committed"
+            rows.append({"shard": int(p.stem), "name": p.name, "status": "incomplete (shard.json unreadable)",
+                         "samples": None, "tokens": None, "loss_tokens": None, "disk_bytes": disk, "ratio": None})
+            continue
         rows.append({"shard": int(p.stem), "name": p.name, "status": "committed", "samples": info["samples"],
                      "tokens": info["tokens"], "loss_tokens": info["loss_tokens"], "disk_bytes": disk,
                      "raw_bytes": info.get("raw_bytes"),
@@ -69,7 +76,10 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 
 def verify_cache(root: Path) -> dict:
+    from schemas.cache_check import cache_problems
+
     meta = _load_meta(root)
+    inconsistent = cache_problems(root, meta)  # what CacheReader refuses to open
     H, K, V = meta["target"]["hidden_size"], meta["topk"], meta["target"]["vocab_size"]
     bad: dict[str, list[str]] = {}
     checked = 0
@@ -87,7 +97,8 @@ def verify_cache(root: Path) -> dict:
     if expected is not None:
         have = {r["shard"] for r in list_shards(root) if r["status"] == "committed"}
         missing = [k for k in range(int(expected)) if k not in have]
-    return {"ok": not bad, "checked": checked, "bad": bad, "missing": missing, "notes": notes}
+    return {"ok": not bad and not inconsistent, "checked": checked, "bad": bad, "missing": missing,
+            "inconsistent": inconsistent, "notes": notes}
 
 
 # --------------------------------------------------------------------------- stats
@@ -263,11 +274,13 @@ def register(app: typer.Typer) -> None:
             for name, problems in res["bad"].items():
                 for p in problems:
                     console.print(f"BAD {name}: {p}", highlight=False, markup=False)
-            if res["missing"]:
-                console.print(f"note: shards not yet extracted: {res['missing']}", highlight=False, markup=False)
+            for p in res["inconsistent"]:
+                console.print(f"INCONSISTENT {p}", highlight=False, markup=False, soft_wrap=True)
             out.print(f"{res['checked']} shards checked, {len(res['bad'])} bad"
-                      + (f": {', '.join(res['bad'])}" if res["bad"] else ""), highlight=False, markup=False)
-        if res["bad"]:
+                      + (f": {', '.join(res['bad'])}" if res["bad"] else "")
+                      + (f"; {len(res['inconsistent'])} consistency problems (readers refuse this cache)"
+                         if res["inconsistent"] else ""), highlight=False, markup=False)
+        if not res["ok"]:
             sys.exit(1)
 
     @shards.command("stats")

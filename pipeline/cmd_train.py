@@ -11,10 +11,11 @@ from pipeline.common import OVERRIDES, get_config, out, register_user_error, use
 def _register_errors() -> None:
     from schemas.cache import CacheError
     from schemas.head import HeadError
+    from stage2_train.run_state import RunStateError
     from stage2_train.trainer import TrainError
     from stage2_train.vocab import VocabError
 
-    for exc in (CacheError, HeadError, TrainError, VocabError):
+    for exc in (CacheError, HeadError, TrainError, VocabError, RunStateError):
         register_user_error(exc)
 
 
@@ -51,10 +52,12 @@ def register(app: typer.Typer) -> None:
         verifier: Optional[str] = typer.Option(None, "--verifier", help="--to speculators: the target model "
                                                "(path or hub id) that `vllm serve OUT` will run"),
         speculative_tokens: int = typer.Option(3, "--speculative-tokens", help="--to speculators: tokens per draft"),
+        force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT holding an earlier export "
+                                   "(a directory holding a model is never written into)"),
     ):
         """Write HEAD as a checkpoint that SGLang and vLLM both serve (layer ids for each engine)."""
         _register_errors()
-        _export(head, to, out_dir, dtype, verifier, speculative_tokens)
+        _export(head, to, out_dir, dtype, verifier, speculative_tokens, force)
 
 
 @user_errors
@@ -71,9 +74,11 @@ def _train(config: str, overrides, restart: bool, progress: bool) -> None:
 
 @user_errors
 def _export(head: str, to: Optional[str], out_dir: str, dtype: str, verifier: Optional[str],
-            speculative_tokens: int) -> None:
+            speculative_tokens: int, force: bool = False) -> None:
+    from schemas.head import check_export_dir
     from stage2_train.export import export_head
 
+    check_export_dir(out_dir, force)  # a non-empty OUT only with --force; a model's directory never
     to = to.lower() if to else None
     p = export_head(head, to, out_dir, dtype=dtype, verifier=verifier, speculative_tokens=speculative_tokens)
     if to == "speculators":

@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from schemas.config import ConfigError, RunConfig, load_config
+from schemas.disk import DiskFullError, exception_chain, is_disk_full
+from schemas.locks import LockBusy
 
 console = Console(stderr=True)
 out = Console()
 
 # Errors whose message is the whole story for a user: print it, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, LockBusy, DiskFullError)
 
 
 def register_user_error(exc: type[BaseException]) -> None:
@@ -34,6 +36,14 @@ def user_errors(fn: Callable) -> Callable:
         except USER_ERRORS as e:  # type: ignore[misc]
             # escape: messages hold brackets (data.train=[x.jsonl], conversations[1]) that rich would eat as markup
             console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - a full disk anywhere is a user's problem, not a traceback
+            if not is_disk_full(e):
+                raise
+            where = next((x.filename for x in exception_chain(e) if getattr(x, "filename", None)), None)
+            console.print(f"[bold red]error:[/] no space left on device{escape(f' while writing {where}') if where else ''}"
+                          f" ({escape(str(e))}); free some space and run the same command again",
+                          highlight=False, markup=True, soft_wrap=True)
             sys.exit(1)
 
     return wrapper

@@ -43,6 +43,22 @@ class SubmitError(RuntimeError):
     pass
 
 
+def check_script_value(key: str, value: Any) -> None:
+    """A value bound for a generated job script: one line, no NUL (a line break would end its
+    quoted '#SBATCH' value and start a shell command)."""
+    items = value.items() if isinstance(value, dict) else ([(None, v) for v in value]
+                                                           if isinstance(value, (list, tuple)) else [(None, value)])
+    for sub, v in items:
+        name = key if sub is None else f"{key}.{sub}"
+        if sub is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(sub)):
+            raise SubmitError(f"{name}: not a valid sbatch option name")
+        if isinstance(v, (list, tuple, dict)):
+            check_script_value(name, v)
+        elif any(c in str(v) for c in ("\n", "\r", "\x00")):
+            raise SubmitError(f"{name}: {str(v)!r} contains a newline, carriage return or NUL byte; it would "
+                              "break the generated job script")
+
+
 def jobs_dir(cfg: RunConfig) -> Path:
     return Path(cfg.jobs.log_dir) if cfg.jobs.log_dir else run_dir(cfg) / "jobs"
 
@@ -220,6 +236,8 @@ def slurm_params(cfg: RunConfig, stage: str, *, nodes: int = 1, gpus: Optional[i
     extra["kill-on-invalid-dep"] = "yes"
     extra.update(parse_extra_sbatch(s.extra_sbatch))
     p["additional_parameters"] = extra
+    for key, value in p.items():
+        check_script_value(f"sbatch {key}", value)
     return p
 
 
@@ -379,6 +397,9 @@ def submit(cfg: RunConfig, *, executor: Optional[str] = None, dry_run: bool = Fa
                               "(use --dry-run to see the scripts, or --executor local)")
     jdir = jobs_dir(cfg).resolve()
     cwd = str(Path.cwd())
+    for key, value in (("jobs dir (jobs.log_dir or the run dir)", str(jdir)), ("working directory", cwd),
+                       ("python executable", sys.executable)):
+        check_script_value(key, value)
     cfg_file = str(jdir / "config.yaml")
     specs = plan(cfg, cfg_file, cwd)
     if not dry_run:

@@ -45,6 +45,62 @@ class CacheError(RuntimeError):
     """A cache that is missing, incomplete, corrupt or not what the caller expects."""
 
 
+class ShardCommitted(CacheError):
+    """The shard was committed (by another process) while this one was writing it."""
+
+
+LOCKS_DIR = ".locks"  # cache: held briefly around cache.json, target/, commits, the manifest; claim-r-of-W
+
+
+def cache_lock(root: str | Path, what: str = "writing the cache"):
+    """The cache-level lock (a context manager that waits for the holder)."""
+    from schemas.locks import DirLock
+
+    return DirLock(Path(root) / LOCKS_DIR / "cache", what)
+
+
+def worker_claim(root: str | Path, rank: int, world: int):
+    """The claim of extraction worker rank/world on a cache, held for the whole run.
+
+    Acquire with `.acquire()`: a second process with the same worker id fails with
+    a LockBusy naming the first (they would write the same shards).
+    """
+    from schemas.locks import DirLock
+
+    return DirLock(Path(root) / LOCKS_DIR / f"claim-{rank}-of-{world}", f"extract worker {rank}/{world}")
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def temp_shard_path(root: str | Path, k: int) -> Path:
+    """A temporary shard directory name that no other process uses and that names its owner."""
+    from schemas.locks import Owner
+
+    return shards_dir(root) / f"{TMP_PREFIX}{k:05d}-{Owner.me().token()}.zarr"
+
+
+def remove_dead_temp_dirs(root: str | Path, k: Optional[int] = None) -> list[Path]:
+    """Remove temporary shard dirs (of shard k, or all) whose owner process is provably dead.
+
+    A live owner's dir, or one whose owner cannot be checked (another host, an old
+    name without the owner), is left alone. Returns what was removed.
+    """
+    from schemas.locks import Owner
+
+    d = shards_dir(root)
+    if not d.is_dir():
+        return []
+    pattern = f"{TMP_PREFIX}{k:05d}-*.zarr" if k is not None else f"{TMP_PREFIX}*.zarr"
+    removed = []
+    for p in d.glob(pattern):
+        owner = Owner.parse(p.name[len(TMP_PREFIX):-len(".zarr")].split("-", 1)[-1])
+        if owner is not None and owner.is_dead():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def shard_name(k: int) -> str:
     return f"{k:05d}.zarr"
 
@@ -129,8 +185,8 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
 
     final = shards_dir(cache_root) / shard_name(k)
     if is_committed(final):
-        raise CacheError(f"shard {final} is already committed")
-    tmp = shards_dir(cache_root) / f".tmp-{k:05d}-{os.getpid()}.zarr"
+        raise ShardCommitted(f"shard {final} is already committed")
+    tmp = temp_shard_path(cache_root, k)  # this process's own: its name holds the owner (schemas.locks)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     missing = set(ARRAYS) - set(arrays)
@@ -167,14 +223,34 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
         **(extra or {}),
     }
     (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
-    os.replace(tmp, final) if not final.exists() else _replace_dir(tmp, final)
+    _commit_shard(cache_root, tmp, final)
     return info
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    # A leftover uncommitted directory (no shard.json) from a killed run: replace it.
-    shutil.rmtree(final)
-    os.replace(tmp, final)
+def remove_own_temp_dir(root: str | Path, k: int) -> None:
+    """After a failed write_shard (e.g. a full disk): this process's temp dir of shard k goes."""
+    shutil.rmtree(temp_shard_path(root, k), ignore_errors=True)
+
+
+def _commit_shard(root: str | Path, tmp: Path, final: Path) -> None:
+    """Rename tmp into place under the cache lock; a committed shard is never replaced.
+
+    Under the lock, nobody else commits, so checking and renaming cannot interleave
+    with another writer; os.rename of a directory also refuses a non-empty target,
+    which keeps a committed shard safe even from a writer that ignores the lock.
+    """
+    with cache_lock(root, f"committing {final.name}"):
+        if is_committed(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ShardCommitted(f"shard {final} was committed by another process meanwhile")
+        if final.exists():  # an uncommitted leftover (no shard.json) of a killed run: move it aside first
+            trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            raise CacheError(f"cannot commit {tmp.name} as {final}: {e.strerror}") from None
 
 
 def dir_bytes(path: Path) -> int:
@@ -187,6 +263,11 @@ def build_manifest(cache_root: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     root = Path(cache_root)
+    with cache_lock(root, "writing the manifest"):  # the shards listed are the shards committed
+        return _write_manifest(root, pa, pq)
+
+
+def _write_manifest(root: Path, pa, pq) -> Path:
     rows = []
     for k in committed_shards(root):
         p = shards_dir(root) / shard_name(k)
@@ -199,9 +280,12 @@ def build_manifest(cache_root: str | Path) -> Path:
                         ("disk_bytes", pa.int64())])
     table = pa.Table.from_pylist(rows, schema=schema)
     out = root / MANIFEST
-    tmp = root / (MANIFEST + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    tmp = root / f"{MANIFEST}.tmp{os.getpid()}"
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -293,6 +377,9 @@ class CacheReader:
             have = self.field(key)
             if have != want:
                 raise CacheError(f"{cj}: {key} is {have!r} but {want!r} was expected")
+        from schemas.cache_check import check_cache
+
+        check_cache(self.root, self.meta)  # exactly shards 0..num_shards-1, names, duplicates, target/
         self.shard_ids = committed_shards(self.root)
         if not self.shard_ids:
             raise CacheError(f"cache {self.root} has no committed shards")

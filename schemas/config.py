@@ -8,19 +8,61 @@ valid key. `key=value` overrides use dotted paths; values are parsed as YAML so
 from __future__ import annotations
 
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Does a field annotation accept an int or a float anywhere (Optional, Union, list[int], ...)?"""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    return any(_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+
+
+# Config strings reach file names, job names and generated Slurm scripts, where a line break
+# ends a quoted '#SBATCH' value and starts a shell command.
+_LINE_BREAKING = ("\n", "\r", "\x00")
+_SBATCH_OPTION = re.compile(r"(#SBATCH\s+)?-{0,2}[A-Za-z][A-Za-z0-9_-]*([= ].*)?")
+
+
+def _strings(v: Any):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _strings(x)
+
+
+def _holds_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # pydantic's lax mode reads `true` as 1 for int/float fields (`extract.topk: true` -> K=1):
+    # a boolean where a number is expected is a typo, never a value.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _holds_bool(v) and _numeric(field.annotation):
+            raise ValueError("must be a number, not a boolean (true/false)")
+        if any(c in x for x in _strings(v) for c in _LINE_BREAKING):
+            raise ValueError("must be a single line: newlines, carriage returns and NUL bytes are not allowed "
+                             "(config values reach job scripts; give each setup line as its own list entry)")
+        return v
 
 
 class TargetConfig(_Section):
@@ -130,6 +172,14 @@ class SlurmConfig(_Section):
     extra_sbatch: list[str] = Field(default_factory=list, description="extra '#SBATCH' lines, without the prefix")
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module loads, venv)")
 
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_options(cls, v: list[str]) -> list[str]:
+        for i, line in enumerate(v):
+            if not _SBATCH_OPTION.fullmatch(line.strip()):
+                raise ValueError(f"entry {i} {line!r} is not an sbatch option (e.g. '--qos=high' or 'exclusive')")
+        return v
+
 
 class JobsExtract(_Section):
     tasks: int = Field(1, gt=0, description="stage-1 array size (one task per GPU)")
@@ -223,7 +273,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"missing required key '{dotted}'")
         else:
-            lines.append(f"'{dotted}': {e['msg']} (got {e.get('input')!r})")
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"'{dotted}': {msg} (got {e.get('input')!r})")
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
@@ -291,3 +342,10 @@ def resolve_layers(layers: Union[str, list[int]], num_hidden_layers: int) -> lis
     if bad:
         raise ConfigError(f"extract.layers {ids}: ids {bad} outside 0..{L} (the target has {L} layers)")
     return ids
+
+
+def check_topk(topk: int, vocab_size: int, where: str = "extract.topk") -> None:
+    """K of the cache's top-K log-probabilities cannot exceed the target's vocabulary."""
+    if int(topk) > int(vocab_size):
+        raise ConfigError(f"{where} = {topk} is larger than the target's vocabulary ({vocab_size} tokens); "
+                          f"set {where} <= {vocab_size} (64 is the usual value)")

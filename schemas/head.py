@@ -105,10 +105,43 @@ def save_head(out_dir: str | Path, tensors: dict, config: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (HEAD_WEIGHTS + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk in its own words
+        tmp.unlink(missing_ok=True)
+        from schemas.disk import disk_full, looks_disk_full
+
+        if looks_disk_full(e, out):
+            raise disk_full(e, out / HEAD_WEIGHTS, "the head there is unchanged") from e
+        raise
     tmp.replace(out / HEAD_WEIGHTS)
     (out / HEAD_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False))
     return out
+
+
+def check_export_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Where `eagle3 export` may write: a new or empty directory, or (with force) an earlier head.
+
+    A directory whose config.json names another architecture holds a model (often the
+    target's own directory): it is never written into, force or not.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HeadError(f"export: {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    cfg = out / HEAD_CONFIG
+    if cfg.is_file():
+        try:
+            archs = json.loads(cfg.read_text()).get("architectures") or []
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            archs = ["<unreadable config.json>"]
+        if ARCHITECTURE not in archs:
+            raise HeadError(f"export: {out} holds a model ({cfg}: architectures {archs}); refusing to write a head "
+                            f"into it, even with --force. Choose a new directory")
+    if not force:
+        raise HeadError(f"export: {out} is not empty; pass --force to overwrite the head exported there "
+                        f"(or choose a new directory)")
 
 
 def load_head(head_dir: str | Path) -> tuple[dict, dict]:

@@ -249,14 +249,25 @@ def _iter_table(path: Path, num_proc: int) -> Iterator[tuple[int, str, Any]]:
         yield r, f"{path}:row {r}", row
 
 
+def _read_utf8(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is reported by line and column, not byte offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # offsets count after the BOM
+        line = raw.count(b"\n", 0, start) + 1
+        col = start - (raw.rfind(b"\n", 0, start) + 1) + 1  # in bytes: the line is not text
+        bad = raw[start:start + (e.end - e.start)].hex(" ")
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{bad} at column {col}; "
+                        f"re-encode the file as UTF-8)") from None
+
+
 def _iter_source(path: Path, num_proc: int) -> Iterator[tuple[int, str, Any]]:
     if path.is_dir() or path.suffix == ".parquet":
         yield from _iter_table(path, num_proc)
         return
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    text = _read_utf8(path)
     first = text.lstrip()[:1]
     if first == "[":
         yield from _iter_json_array(path, text)

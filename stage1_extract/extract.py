@@ -454,6 +454,9 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     identity["embed_scale"] = scale
     root.mkdir(parents=True, exist_ok=True)
     _write_target_dir(root, model, tok, hf_dir, scale)
+    from schemas.cache_check import target_file_checksums
+
+    identity["target_files"] = target_file_checksums(root / TARGET_DIR)  # readers check them on open
     tmp = root / f".{CACHE_JSON}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(identity, indent=1))
     os.replace(tmp, cj)  # concurrent first workers write the same content
@@ -559,6 +562,9 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     """
     import torch
 
+    from schemas.cache import cache_lock
+    from schemas.config import check_topk
+
     if which not in ("train", "eval"):
         raise ValueError(f"which must be 'train' or 'eval', not {which!r}")
     w: Worker = resolve_worker(worker)
@@ -586,11 +592,13 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
 
     layers = resolve_layers(cfg.extract.layers, int(model.config.num_hidden_layers))
     identity = cache_identity(cfg, model, tok, hf_dir, layers, paths, len(rows), which)
+    check_topk(cfg.extract.topk, identity["target"]["vocab_size"])  # before cache.json exists
     if data_stats is not None:
         st = asdict(data_stats) if is_dataclass(data_stats) else dict(vars(data_stats))
         identity["data"]["stats"] = {k: v for k, v in st.items() if k not in ("lengths", "skipped_index")}
     probe = torch.from_numpy(rows[0][1][:32].astype(np.int64))[None]
-    meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
+    with cache_lock(root, f"preparing the cache (extract worker {w})"):  # one writer of cache.json / target/
+        meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
 
     S = cfg.extract.samples_per_shard
     n_shards = math.ceil(len(rows) / S)
@@ -605,6 +613,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
                          chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
                          shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
                                                 "hidden_size": H, "topk": K, "layers": layers})
+    writer.claim_worker(w.rank, w.world)  # a second process with this worker id stops here
     total_samples = sum(min(len(rows), (k + 1) * S) - k * S for k in todo)
     bar = None
     if progress:

@@ -123,14 +123,23 @@ def _find_content(q: str, lo: int, content: str, specials: list[str]) -> Optiona
     return None
 
 
-def assistant_char_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """(rendered text, [(start, end) char span of each assistant turn incl. its end-of-turn token])."""
-    full = _render(tok, messages, False)
+def assistant_char_spans(tok, messages: list[dict], *, full: Optional[str] = None,
+                         stop_at: Optional[int] = None) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, [(start, end) char span of each assistant turn incl. its end-of-turn token]).
+
+    Each assistant turn renders the conversation up to it (the template is a black box),
+    so the cost grows with the square of the number of turns. `stop_at` (a character
+    position of the rendered text, e.g. where truncation cuts) ends the scan at the first
+    assistant turn whose prefix reaches it: turns after the cut cost nothing.
+    """
+    full = _render(tok, messages, False) if full is None else full
     specials = _special_strings(tok)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if stop_at is not None and spans and spans[-1][1] >= stop_at:
+            break
         q = _render(tok, messages[: i + 1], False)
         if not full.startswith(q):
             raise TemplateError(
@@ -174,6 +183,8 @@ def assistant_char_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int
             end = eot[1] if eot is not None else cend
         if end > start:
             spans.append((start, end))
+        if stop_at is not None and len(p) >= stop_at:
+            break  # this turn starts after the cut: no later turn can reach the kept tokens
     return full, spans
 
 
@@ -206,14 +217,19 @@ def tokenize_conversation(tok, messages: list[dict], *, max_length: int,
         raise ValueError(f"truncation must be 'drop_tail' or 'skip', got {truncation!r}")
     if not getattr(tok, "is_fast", False):
         raise TemplateError("the loss mask needs a fast tokenizer (offset mapping)")
-    text, spans = assistant_char_spans(tok, messages)
+    # Render and tokenize the whole conversation once (linear), then locate assistant spans only
+    # up to where truncation cuts: a long conversation costs its length, not its length squared.
+    text = _render(tok, messages, False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
+    n = len(ids)
+    cut = max(offsets[max_length - 1][1], 1) if n > max_length else None
+    text, spans = assistant_char_spans(tok, messages, full=text, stop_at=cut)
     if ids and spans and all(e == 0 for _, e in offsets):
         raise TemplateError("the tokenizer returns no character offsets; cannot map the template's spans to tokens")
+    # beyond the cut the mask is not computed (drop_tail drops those tokens; skip drops the sample)
     mask = spans_to_mask(offsets, spans)
-    n = len(ids)
     if n > max_length:
         if truncation == "drop_tail":
             return TokenizedSample(ids[:max_length], mask[:max_length], True, n)

@@ -11,7 +11,7 @@ and the target only waits when the disk is the bottleneck.
 from __future__ import annotations
 
 import queue
-import shutil
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,8 +128,28 @@ class ShardWriter:
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-flush")
         self._pending: Optional[Future] = None
         self._asm: dict[int, _Assembly] = {}
+        self._claim = None  # the worker's claim on the cache (claim_worker), held until close()/abort()
         self._thread = threading.Thread(target=self._run, name="eagle3-writer", daemon=True)
         self._thread.start()
+
+    def claim_worker(self, rank: int, world: int) -> None:
+        """Claim worker id rank/world on the cache: a second process with the same id (it would
+        write the same shards) fails here, naming the first. Released by close()/abort() or death."""
+        from schemas.cache import worker_claim
+        from schemas.locks import LockBusy
+
+        claim = worker_claim(self.root, rank, world)
+        try:
+            self._claim = claim.acquire()
+        except LockBusy:
+            self.abort()
+            raise WriterError(f"{self.root}: extract worker {rank}/{world} is already running on this cache "
+                              f"({claim.holder()}); two processes with one worker id would write the same shards. "
+                              f"Wait for it to finish, or give this run another --worker") from None
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
 
     # ------------------------------------------------------------------ producer side
     @property
@@ -158,10 +178,13 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every queued shard to be written; re-raise a writer failure."""
-        self._put(None)
-        self._thread.join()
-        self._flusher.shutdown(wait=True)
-        self._raise_if_failed()
+        try:
+            self._put(None)
+            self._thread.join()
+            self._flusher.shutdown(wait=True)
+            self._raise_if_failed()
+        finally:
+            self._release_claim()
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after a compute error)."""
@@ -177,6 +200,7 @@ class ShardWriter:
             pass
         self._thread.join(timeout=60)
         self._flusher.shutdown(wait=True)
+        self._release_claim()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None and not (isinstance(self.error, WriterError) and str(self.error) == "aborted"):
@@ -215,11 +239,23 @@ class ShardWriter:
 
     def _flush(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> dict:
         t0 = time.perf_counter()
-        # Temp dirs of this shard left by a killed run are ours to remove (we own shard k now).
-        for stale in shards_dir(self.root).glob(f".tmp-{plan.shard:05d}-*.zarr"):
-            shutil.rmtree(stale, ignore_errors=True)
-        info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
-                           chunk_rows=self.chunk_rows, extra=self.shard_extra(plan))
+        from schemas.cache import ShardCommitted, remove_dead_temp_dirs, remove_own_temp_dir
+        from schemas.disk import disk_full, is_disk_full
+
+        # Temp dirs of this shard left by a killed run go; a live process's dir is never touched.
+        remove_dead_temp_dirs(self.root, plan.shard)
+        try:
+            info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
+                               chunk_rows=self.chunk_rows, extra=self.shard_extra(plan))
+        except ShardCommitted as e:  # another worker layout wrote the same (deterministic) shard first
+            print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
+            return {}
+        except Exception as e:  # noqa: BLE001 - zarr may wrap the OSError
+            remove_own_temp_dir(self.root, plan.shard)  # on a full disk this frees the space
+            if is_disk_full(e):
+                raise disk_full(e, shards_dir(self.root), f"shard {plan.shard} was not committed (its temporary "
+                                f"files are removed; committed shards are intact)") from e
+            raise
         self.flush_s += time.perf_counter() - t0
         self.committed.append(info)
         if self.on_commit is not None:

@@ -9,7 +9,9 @@ bf16/fp16/fp32, gradient accumulation and clipping come from the DeepSpeed JSON
 Layout of `train.output`:
   config.json, model.safetensors   the head: best simulated τ on the held-out split (else the last)
   last/                            the head at the last step
-  checkpoints/<tag>/, latest       DeepSpeed checkpoints + data position + RNG states (resume)
+  checkpoints/<tag>/, latest       DeepSpeed checkpoints + data position + RNG states (resume; DeepSpeed
+                                   unpickles its own files there, so resuming trusts this directory)
+  .lock                            held by rank 0 while a run writes here (stage2_train.run_state)
   metrics.jsonl, eval.jsonl        per-step training metrics, held-out evaluations
   train_curves.png, heldout_table.md
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import time
@@ -128,19 +129,6 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         span = max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup) / span)))
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _grad_norm(module) -> float:
@@ -277,7 +265,14 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     """Keep the lines of steps <= step (a resumed run rewrites what came after its checkpoint)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:  # a line cut short by a kill or a full disk
+            rec = None
+        if rec is not None and rec.get("step", 0) <= step:
+            keep.append(ln)
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -324,10 +319,13 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     import deepspeed
     import torch.distributed as dist
 
+    from stage2_train.run_state import guarded_checkpoint, load_rng_state, lock_output, rng_file, save_rng_state
+
     tc = cfg.train
     out = Path(tc.output)
     preflight(cfg)  # bad configs fail here, before any process group or DeepSpeed work
     rank, world, device = init_distributed()
+    out_lock = lock_output(out, rank, world)  # before anything in train.output is touched
     ds = load_ds_config(cfg, world)
     G = int(ds["gradient_accumulation_steps"])
     plan = Plan(cfg, world, G)
@@ -389,9 +387,7 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
         for fn in getattr(engine.lr_scheduler, "lr_lambdas", []):
             if isinstance(fn, WarmupCosine):
                 fn.__init__(warmup, plan.total_steps)
-        rng_file = Path(path).parent / f"rng_rank{rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(Path(path).parent, rank)  # JSON; DeepSpeed's files above are trusted (see run_state)
     if rank == 0:
         ckdir.mkdir(parents=True, exist_ok=True)
         (ckdir / "run.json").write_text(json.dumps(run_identity))
@@ -436,11 +432,15 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
 
     def checkpoint(step: int, epoch: int, in_epoch: int) -> None:
         tag = f"step{step:08d}"
-        (ckdir / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), ckdir / tag / f"rng_rank{rank}.pt")
-        engine.save_checkpoint(str(ckdir), tag=tag, exclude_frozen_parameters=True,
-                               client_state={"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                                             "best": best})
+
+        def save() -> None:
+            (ckdir / tag).mkdir(parents=True, exist_ok=True)
+            save_rng_state(rng_file(ckdir / tag, rank))
+            engine.save_checkpoint(str(ckdir), tag=tag, exclude_frozen_parameters=True,
+                                   client_state={"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                                                 "best": best})
+
+        guarded_checkpoint(ckdir, tag, save)
         dist.barrier()
         if rank == 0:  # `latest` now names this tag; older ones can go
             tags = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
@@ -529,6 +529,8 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     dist.barrier()
     if hasattr(engine, "destroy"):
         engine.destroy()
+    if out_lock is not None:
+        out_lock.release()
     return out
 
 

@@ -255,7 +255,8 @@ def test_bad_configs(cache, tmp_path):
 
     r = CacheReader(cache)
     write_head(Eagle3Draft(make_head_config(r.target_config(), draft_vocab_size=64, layer_ids=r.layers)), head)
-    with pytest.raises(CacheError, match=r"hidden_size is 48 but the head .* expects target_hidden_size 64"):
+    # the edited cache.json no longer matches its shards: refused when opened (issue 14), before the head check
+    with pytest.raises(CacheError, match=r"shard 00000.zarr: shard.json: hidden_size is 64, cache.json says 48"):
         offline_metrics(head, other, split="all")
     # the CLI prints the message, no traceback, exit 1
     bad = write_cfg(tmp_path / "bad.yaml", cache, tmp_path / "o", draft_vocab_size=1000)

@@ -1,0 +1,244 @@
+"""Is a cache consistent enough to open? (DESIGN.md section 4: readers open only a consistent cache.)
+
+Checked when a cache is opened (`CacheReader`) and by `eagle3 shards verify`, from
+metadata and the small per-shard arrays only (the bulk arrays are not read here):
+
+* the shard set: exactly 00000.zarr .. num_shards-1, each committed (shard.json
+  present and readable), none beyond num_shards;
+* each shard.json: schema id, `shard` equal to its directory name, samples
+  per shard as cache.json's samples_per_shard and num_samples imply, and
+  hidden_size / topk / layers as cache.json says;
+* each array's metadata: present, stored dtype, shape against the shard's counts
+  and cache.json's H / K / V, hidden's logical dtype against cache.json;
+* offsets and sample_index: offsets run 0..tokens, one sample_index per sample,
+  no sample_index in two places;
+* target/: config.json and the embedding present, and every file recorded in
+  cache.json `target_files` with its sha256 (caches made before those were recorded
+  are checked for presence only, with a note printed once).
+
+`cache_problems` lists what is wrong ("shard 00003.zarr: ..."); `check_cache`
+raises a CacheError with the list.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from schemas.cache import (ARRAYS, EMBED_FILE, SHARD_JSON, SHARD_SCHEMA_ID, TARGET_DIR, CacheError, shard_name,
+                           shards_dir)
+
+MAX_LISTED = 12  # problems spelled out in one error message
+_NOTED: set[tuple[str, str]] = set()
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def note_once(root: Path, text: str) -> None:
+    key = (str(Path(root).resolve()), text)
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"note: {root}: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- target/ files
+
+
+def _sha256(p: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so that reopening a cache costs nothing."""
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while b := f.read(1 << 22):
+                h.update(b)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def target_file_checksums(target_dir: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under target/ (recorded in cache.json at write time)."""
+    d = Path(target_dir)
+    return {str(f.relative_to(d)): _sha256(f) for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def _target_problems(root: Path, meta: dict) -> list[str]:
+    d = root / TARGET_DIR
+    recorded: Optional[dict] = meta.get("target_files")
+    problems = []
+    for name in ("config.json", EMBED_FILE):
+        if not (d / name).is_file():
+            problems.append(f"{TARGET_DIR}/{name}: missing")
+    if recorded is None:
+        note_once(root, "cache.json records no checksums of target/ files (a cache made before they were "
+                        "recorded); they are checked for presence only")
+        return problems
+    for name, sha in sorted(recorded.items()):
+        p = d / name
+        if not p.is_file():
+            if f"{TARGET_DIR}/{name}: missing" not in problems:
+                problems.append(f"{TARGET_DIR}/{name}: missing")
+        elif _sha256(p) != sha:
+            problems.append(f"{TARGET_DIR}/{name}: sha256 differs from the one recorded in cache.json "
+                            f"(the file changed after extraction)")
+    return problems
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _shard_dirs(root: Path) -> dict[int, Path]:
+    d = shards_dir(root)
+    if not d.is_dir():
+        return {}
+    return {int(p.stem): p for p in d.iterdir()
+            if p.is_dir() and p.suffix == ".zarr" and p.stem.isdigit() and not p.name.startswith(".")}
+
+
+def _read_info(p: Path) -> tuple[Optional[dict], Optional[str]]:
+    f = p / SHARD_JSON
+    if not f.is_file():
+        return None, f"{SHARD_JSON} missing (never committed, or removed)"
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{SHARD_JSON} unreadable, half-written? ({e})"
+    if not isinstance(info, dict):
+        return None, f"{SHARD_JSON} is not a JSON object"
+    return info, None
+
+
+def _expected_samples(meta: dict, k: int) -> Optional[int]:
+    S, N = meta.get("samples_per_shard"), (meta.get("data") or {}).get("num_samples")
+    if S is None or N is None:
+        return None
+    return max(0, min(int(S), int(N) - k * int(S)))
+
+
+def _info_problems(k: int, info: dict, meta: dict) -> list[str]:
+    out = []
+    if info.get("schema") != SHARD_SCHEMA_ID:
+        out.append(f"{SHARD_JSON}: schema {info.get('schema')!r} is not {SHARD_SCHEMA_ID!r}")
+    if info.get("shard") != k:
+        out.append(f"{SHARD_JSON} says shard {info.get('shard')!r}: the directory was renamed or copied")
+    want = _expected_samples(meta, k)
+    if want is not None and info.get("samples") != want:
+        out.append(f"{SHARD_JSON}: {info.get('samples')} samples, cache.json (samples_per_shard, "
+                   f"data.num_samples) implies {want}")
+    target = meta.get("target") or {}
+    for key, have in (("hidden_size", target.get("hidden_size")), ("topk", meta.get("topk")),
+                      ("layers", meta.get("layers"))):
+        if key in info and have is not None and info[key] != have:
+            out.append(f"{SHARD_JSON}: {key} is {info[key]!r}, cache.json says {have!r}")
+    return out
+
+
+def _array_meta_problems(p: Path, info: dict, meta: dict) -> list[str]:
+    T, N = info.get("tokens"), info.get("samples")
+    target = meta.get("target") or {}
+    H, K, V = target.get("hidden_size"), meta.get("topk"), target.get("vocab_size")
+    shapes = {"input_ids": (T,), "loss_mask": (T,), "hidden": (T, 3, H), "topk_ids": (T, K),
+              "topk_logprobs": (T, K), "offsets": (None if N is None else N + 1,), "sample_index": (N,),
+              "token_counts": (V,)}
+    out = []
+    for name, (stored, _logical) in ARRAYS.items():
+        f = p / name / "zarr.json"
+        try:
+            am = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            out.append(f"array {name}: missing or unreadable metadata ({name}/zarr.json)")
+            continue
+        shape, want = tuple(am.get("shape") or ()), shapes[name]
+        if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+            out.append(f"array {name}: shape {shape}, expected {want} (shard.json counts, cache.json H/K/V)")
+        if name == "hidden":
+            logical = (am.get("attributes") or {}).get("logical_dtype")
+            if meta.get("hidden_dtype") and logical and logical != meta["hidden_dtype"]:
+                out.append(f"array hidden: logical dtype {logical}, cache.json hidden_dtype says "
+                           f"{meta['hidden_dtype']}")
+        elif am.get("data_type") != stored:
+            out.append(f"array {name}: dtype {am.get('data_type')}, the layout stores {stored}")
+    return out
+
+
+def _small_array(p: Path, name: str) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(str(p / name), mode="r")[...])
+
+
+def _index_problems(p: Path, info: dict) -> tuple[list[str], Optional[np.ndarray]]:
+    try:
+        o, si = _small_array(p, "offsets"), _small_array(p, "sample_index")
+    except Exception as e:  # noqa: BLE001 - zarr/codecs raise many types on damaged files
+        return [f"offsets/sample_index cannot be read ({type(e).__name__}: {e})"], None
+    out = []
+    T = info.get("tokens")
+    if o.size == 0 or o[0] != 0 or (T is not None and o[-1] != T) or (np.diff(o) < 0).any():
+        out.append(f"array offsets: not a non-decreasing 0..{T} sequence")
+    if len(si) != info.get("samples"):
+        out.append(f"array sample_index: {len(si)} entries for {info.get('samples')} samples")
+    if (np.diff(si) <= 0).any():
+        out.append("array sample_index: not strictly increasing")
+    return out, si
+
+
+def _duplicate_problems(indices: dict[int, np.ndarray]) -> list[str]:
+    if not indices:
+        return []
+    allv = np.concatenate(list(indices.values()))
+    vals, counts = np.unique(allv, return_counts=True)
+    dups = vals[counts > 1]
+    if not dups.size:
+        return []
+    where = {int(v): [shard_name(k) for k, si in indices.items() if v in si] for v in dups[:5]}
+    listed = "; ".join(f"{v} in {', '.join(ks)}" for v, ks in where.items())
+    return [f"sample_index: {dups.size} samples appear more than once ({listed}{' ...' if dups.size > 5 else ''})"]
+
+
+def cache_problems(root: str | Path, meta: dict) -> list[str]:
+    """Everything that makes the cache at root inconsistent (empty when it is sound)."""
+    root = Path(root)
+    problems = [p for p in _target_problems(root, meta)]
+    dirs = _shard_dirs(root)
+    n = meta.get("num_shards")
+    if n is None:
+        note_once(root, "cache.json has no num_shards (an old cache); the shard set is not checked")
+        expected = sorted(dirs)
+    else:
+        expected = list(range(int(n)))
+        for k in sorted(set(expected) - set(dirs)):
+            problems.append(f"shard {shard_name(k)}: missing (cache.json num_shards = {n})")
+        for k in sorted(set(dirs) - set(expected)):
+            problems.append(f"shard {dirs[k].name}: beyond num_shards = {n} (an extra shard)")
+    for k, p in sorted(dirs.items()):
+        if p.name != shard_name(k):
+            problems.append(f"shard {p.name}: not a shard name (expected {shard_name(k)})")
+    indices: dict[int, np.ndarray] = {}
+    for k in expected:
+        p = dirs.get(k)
+        if p is None:
+            continue
+        info, err = _read_info(p)
+        found = [err] if err else _info_problems(k, info, meta)
+        if info is not None and not found:
+            found = _array_meta_problems(p, info, meta)
+        if info is not None and not found:
+            found, si = _index_problems(p, info)
+            if si is not None:
+                indices[k] = si
+        problems += [f"shard {p.name}: {x}" for x in found]
+    return problems + _duplicate_problems(indices)
+
+
+def check_cache(root: str | Path, meta: dict) -> None:
+    """Raise a CacheError listing what is inconsistent in the cache at root."""
+    problems = cache_problems(root, meta)
+    if problems:
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise CacheError(f"cache {root} is inconsistent (`eagle3 shards verify` lists everything): "
+                         + "; ".join(problems[:MAX_LISTED]) + more)
