@@ -79,7 +79,8 @@ def verify_cache(root: Path) -> dict:
             notes.append(f"{row['name']}: {row['status']} (ignored by readers)")
             continue
         checked += 1
-        problems = verify_shard(shards_dir(root) / row["name"], hidden_size=H, topk=K, vocab_size=V)
+        problems = verify_shard(shards_dir(root) / row["name"], hidden_size=H, topk=K, vocab_size=V,
+                                hidden_dtype=meta.get("hidden_dtype", "bfloat16"))
         if problems:
             bad[row["name"]] = problems
     expected = meta.get("num_shards")
