@@ -32,6 +32,9 @@ import numpy as np
 from schemas.cache import CacheError
 
 EMPTY = (1 << 64) - 1  # index entry of a chunk that was never written
+LRU_CHUNKS = 8  # decoded chunks kept for sample-by-sample reads (one per row array, a few shards)
+_LRU: dict = {}
+_LRU_LOCK = threading.Lock()
 _WARNED: set[str] = set()
 _WARN_LOCK = threading.Lock()
 
@@ -250,14 +253,26 @@ class ChunkedArray:
         if not self.fast:
             return self._zarr_rows(start, stop)
         c0, c1 = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        if c0 == c1:
-            base = c0 * self.chunk_rows
-            return self.chunk(c0, allow_empty=allow_empty)[start - base:stop - base].copy()
         out = np.empty((stop - start, *self.row_shape), dtype=self.dtype)
         for c in range(c0, c1 + 1):
             a, b = max(start, c * self.chunk_rows), min(stop, (c + 1) * self.chunk_rows)
-            out[a - start:b - start] = self.chunk(c, allow_empty=allow_empty)[a - c * self.chunk_rows:b - c * self.chunk_rows]
+            out[a - start:b - start] = self._cached_chunk(c, allow_empty)[a - c * self.chunk_rows:b - c * self.chunk_rows]
         return out
+
+    def _cached_chunk(self, i: int, allow_empty: Optional[bool]) -> np.ndarray:
+        """chunk(i) through a small process-wide LRU: sample-by-sample reads of one chunk decode it once."""
+        key = (str(self.file), i)
+        with _LRU_LOCK:
+            hit = _LRU.pop(key, None)
+            if hit is not None:
+                _LRU[key] = hit
+                return hit
+        c = self.chunk(i, allow_empty=allow_empty)
+        with _LRU_LOCK:
+            _LRU[key] = c
+            while len(_LRU) > LRU_CHUNKS:
+                _LRU.pop(next(iter(_LRU)))
+        return c
 
     def __getitem__(self, key) -> np.ndarray:
         """a[...] / a[start:stop] on axis 0, like the zarr array it stands for."""

@@ -5,12 +5,15 @@
 * `make_batches`: per epoch, a seeded shuffle; samples are sorted by length inside
   windows of a few dozen batches (length bucketing, little padding) and packed into
   micro-batches of at most `micro_batch_size` samples and `max_tokens` padded rows;
-  the batch order is shuffled again. Deterministic in (seed, epoch).
+  the batch order is shuffled again. Deterministic in (seed, epoch). Used for
+  evaluation; training uses the chunk-aware order of `stage2_train.sampler` (same
+  packing, but samples read shard by shard through a shuffle buffer).
 * `rank_schedule`: which micro-batches this rank runs for each optimizer step: step s,
   accumulation g, rank r takes global micro-batch s*W*G + g*W + r, so one process with
   G accumulation steps and W processes with G/W see the same global batch.
-* `BatchDataset`: one item = one padded micro-batch; reads only the rows of its
-  samples from the cache, rebuilds the teacher; runs in DataLoader workers.
+* `make_train_loader`: the chunk loader (`stage2_train.loader`, decode threads, each
+  chunk decoded once) or, with `train.num_workers` > 0, `BatchDataset` in DataLoader
+  worker processes (one item = one padded micro-batch read sample by sample).
 """
 from __future__ import annotations
 
@@ -149,3 +152,14 @@ def make_loader(dataset: BatchDataset, num_workers: int) -> torch.utils.data.Dat
         kw = {"num_workers": num_workers, "prefetch_factor": 4, "persistent_workers": False}
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
                                        pin_memory=torch.cuda.is_available(), **kw)
+
+
+def make_train_loader(reader: CacheReader, arrivals: np.ndarray, batches: list[list[int]],
+                      target_to_draft: np.ndarray, max_length: Optional[int], *, num_workers: int = 0,
+                      threads: int = 2, prefetch: int = 4):
+    """This rank's micro-batches, collated, in order (see the module docstring)."""
+    if num_workers > 0:
+        return make_loader(BatchDataset(reader, batches, target_to_draft, max_length), num_workers)
+    from stage2_train.loader import CacheLoader
+
+    return CacheLoader(reader, arrivals, batches, target_to_draft, max_length, threads=threads, prefetch=prefetch)
