@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from schemas.cache import CacheReader, bits_to_bf16
+from schemas.cache import CacheReader
 from stage2_train.teacher import build_teacher
 
 SPLIT_SALT = 0x5EED
@@ -133,7 +133,7 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
         "input_ids": torch.from_numpy(input_ids),
         "loss_mask": torch.from_numpy(loss_mask),
         "valid": torch.from_numpy(valid),
-        "hidden": bits_to_bf16(hidden),
+        "hidden": torch.from_numpy(hidden.view(np.int16)).view(torch.bfloat16),  # fresh buffer: no copy
         "t_idx": torch.from_numpy(t_idx),
         "t_prob": torch.from_numpy(t_prob),
         "t_top1": torch.from_numpy(t_top1),
