@@ -84,8 +84,8 @@ class _Decoder:
         else:
             raise _Unsupported(f"{where}: codec {self.name}")
 
-    def decode(self, buf: bytes, nbytes: int, where: str) -> np.ndarray:
-        """Decoded bytes (uint8, exactly `nbytes`) of one inner chunk."""
+    def decode(self, buf: bytes, nbytes: int, where: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Decoded bytes (uint8, exactly `nbytes`, into `out` when given) of one inner chunk."""
         if self.crc:
             if len(buf) < 4:
                 raise ChunkError(f"{where}: {len(buf)} bytes, too short to hold its crc32c")
@@ -94,7 +94,7 @@ class _Decoder:
                 raise ChunkError(f"{where}: crc32c mismatch (the chunk's bytes changed since it was written)")
         else:
             body = memoryview(buf)
-        out = np.empty(nbytes, dtype=np.uint8)
+        out = np.empty(nbytes, dtype=np.uint8) if out is None else out.reshape(-1).view(np.uint8)
         if self.codec is None:
             if len(body) != nbytes:
                 raise ChunkError(f"{where}: {len(body)} bytes stored, {nbytes} expected")
@@ -222,8 +222,11 @@ class ChunkedArray:
         self._index = idx
         return idx
 
-    def chunk(self, i: int, *, allow_empty: Optional[bool] = None) -> np.ndarray:
-        """Inner chunk i, decoded: [chunk_rows, *row_shape] (the last one padded as stored)."""
+    def chunk(self, i: int, *, allow_empty: Optional[bool] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Inner chunk i, decoded: [chunk_rows, *row_shape] (the last one padded as stored).
+
+        `out`: a C-contiguous array of that shape and dtype to decode into (reused buffers
+        spare the page faults of fresh memory)."""
         if not self.fast:
             a, b = self.chunk_span(i)
             return self._zarr_rows(a, b)
@@ -242,7 +245,10 @@ class ChunkedArray:
             os.close(fd)
         if len(buf) != nb:
             raise ChunkError(f"{where}: short read ({len(buf)} of {nb} bytes)")
-        raw = self.decoder.decode(buf, self.chunk_rows * self.row_bytes, where)
+        if out is not None and (out.shape != (self.chunk_rows, *self.row_shape) or out.dtype != self.dtype
+                                or not out.flags.c_contiguous):
+            out = None
+        raw = self.decoder.decode(buf, self.chunk_rows * self.row_bytes, where, out)
         return raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
 
     def rows(self, start: int, stop: int, *, allow_empty: Optional[bool] = None) -> np.ndarray:

@@ -106,18 +106,23 @@ def cropped_lengths(reader: CacheReader, max_length: Optional[int]) -> np.ndarra
 
 
 def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Optional[int] = None,
-            sample_ids: Optional[Sequence[int]] = None) -> dict:
-    """Right-pad samples into [B, L] tensors and rebuild the teacher (restricted to the draft vocab)."""
+            sample_ids: Optional[Sequence[int]] = None, hidden: Optional[np.ndarray] = None) -> dict:
+    """Right-pad samples into [B, L] tensors and rebuild the teacher (restricted to the draft vocab).
+
+    `hidden`: the batch's bf16 bits [B, L, 3H], already filled and zero-padded (the chunk
+    loader writes rows straight into it); then the samples need no 'hidden'.
+    """
     if max_length:
         samples = [{k: v[:max_length] for k, v in s.items()} for s in samples]
     B = len(samples)
     L = max(len(s["input_ids"]) for s in samples)
-    H3 = int(np.prod(samples[0]["hidden"].shape[1:]))
     K = samples[0]["topk_ids"].shape[1]
     input_ids = np.zeros((B, L), dtype=np.int64)
     loss_mask = np.zeros((B, L), dtype=bool)
     valid = np.zeros((B, L), dtype=bool)
-    hidden = np.zeros((B, L, H3), dtype=np.uint16)
+    filled = hidden is not None
+    if not filled:
+        hidden = np.zeros((B, L, int(np.prod(samples[0]["hidden"].shape[1:]))), dtype=np.uint16)
     t_idx = np.zeros((B, L, K), dtype=np.int64)
     t_prob = np.zeros((B, L, K), dtype=np.float32)
     t_top1 = np.full((B, L), -1, dtype=np.int64)
@@ -126,7 +131,8 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
         input_ids[b, :n] = s["input_ids"]
         loss_mask[b, :n] = s["loss_mask"].astype(bool)
         valid[b, :n] = True
-        hidden[b, :n] = s["hidden"].reshape(n, H3)
+        if not filled:
+            hidden[b, :n] = s["hidden"].reshape(n, hidden.shape[2])
         t_idx[b, :n], t_prob[b, :n], t_top1[b, :n] = build_teacher(s["topk_ids"], s["topk_logprobs"],
                                                                    target_to_draft)
     return {

@@ -7,8 +7,9 @@ three kinds of threads work ahead of the training step:
   each chunk is decoded once (shards are read front to back) and dropped after its
   last sample;
 * the reader thread: walks the samples in read (arrival) order, copies each needed
-  sample's rows out of its chunks, and stops when it is far enough ahead of the step
-  (the samples the next `prefetch` batches need);
+  sample's hidden rows straight into its micro-batch's padded buffer (one copy; the
+  small arrays per sample), and stops when it is far enough ahead of the step (the
+  samples the next `prefetch` batches need); decode buffers are recycled;
 * the collate thread: pads each micro-batch, rebuilds its teacher, pins it (CUDA) and
   queues it (at most `prefetch` batches).
 There is no per-sample zarr call and no per-sample file read. Errors in any thread
@@ -42,6 +43,7 @@ class _Plan:
         pos = {i: p for p, i in enumerate(self.samples)}
         need = [max(pos[int(i)] for i in b) for b in batches]  # samples read before batch j can run
         self.horizon = np.maximum.accumulate(need).tolist() if need else []  # ... before batches 0..j can
+        self.slot = {int(i): (j, r) for j, b in enumerate(batches) for r, i in enumerate(b)}  # sample -> (batch, row)
         self.rows: dict[int, tuple[int, int, int]] = {}  # sample -> (shard, start, stop)
         self.chunk_seq: list[tuple[int, int]] = []
         self.last_use: dict[tuple[int, int], int] = {}
@@ -54,6 +56,7 @@ class _Plan:
                 if key not in self.last_use:
                     self.chunk_seq.append(key)
                 self.last_use[key] = p
+        self.batch_len = [max(self.rows[int(i)][2] - self.rows[int(i)][1] for i in b) for b in batches]
 
     @staticmethod
     def chunks_of(reader: CacheReader, shard: int, start: int, stop: int) -> range:
@@ -98,7 +101,9 @@ class _Run:
     def __init__(self, loader: CacheLoader):
         self.L = loader
         self.cond = threading.Condition()
-        self.ready: dict[int, dict] = {}
+        self.ready: dict[int, list] = {}  # batch -> [hidden buffer, {sample: small rows}]
+        self.free: dict[tuple, list] = {}  # recycled decode buffers by (shape, dtype)
+        self.free_lock = threading.Lock()
         self.horizon = loader.plan.horizon[min(loader.prefetch, len(loader.batches) - 1)] if loader.batches else -1
         self.error: Optional[BaseException] = None
         self.stopped = False
@@ -129,8 +134,21 @@ class _Run:
 
                 out[f] = dequantize_to_bf16_bits(sh.array("hidden").chunk(c), sh.array("hidden_scale").chunk(c))
             else:
-                out[f] = sh.array(f).chunk(c)
+                a = sh.array(f)
+                out[f] = a.chunk(c, out=self._buffer((a.chunk_rows, *a.row_shape), a.dtype))
         return out
+
+    def _buffer(self, shape: tuple, dtype) -> Optional[np.ndarray]:
+        with self.free_lock:
+            lst = self.free.get((shape, np.dtype(dtype)))
+            return lst.pop() if lst else None
+
+    def _recycle(self, chunk: dict[str, np.ndarray]) -> None:
+        with self.free_lock:
+            for a in chunk.values():
+                lst = self.free.setdefault((a.shape, a.dtype), [])
+                if len(lst) < 2 * self.L.threads + 2:
+                    lst.append(a)
 
     def _read(self) -> None:
         plan, reader = self.L.plan, self.L.reader
@@ -156,23 +174,39 @@ class _Run:
             cs = list(_Plan.chunks_of(reader, shard, a, b))
             if cs:
                 submit_upto(chunk_pos[(shard, cs[-1])] + ahead)
-            rows = self._rows(futs, shard, cs, a, b)
+            j, row = plan.slot[i]
+            with self.cond:
+                slot = self.ready.get(j)
+                if slot is None:
+                    slot = self.ready[j] = [self._hidden_buffer(j, shard), {}]
+            small = self._rows(futs, shard, cs, a, b, slot[0][row])
             for c in cs:
                 if plan.last_use[(shard, c)] == p:
-                    futs.pop((shard, c))
+                    self._recycle(futs.pop((shard, c)).result())
             with self.cond:
-                self.ready[i] = rows
+                slot[1][i] = small
                 self.cond.notify_all()
 
-    def _rows(self, futs: dict, shard: int, cs: list[int], a: int, b: int) -> dict[str, np.ndarray]:
+    def _hidden_buffer(self, j: int, shard: int) -> np.ndarray:
+        """Batch j's padded bf16-bits buffer [B, L, 3H] (zeros: padding rows stay zero)."""
+        rs = self.L.reader.shards[shard].array("hidden").row_shape
+        return np.zeros((len(self.L.batches[j]), self.L.plan.batch_len[j], int(np.prod(rs))), dtype=np.uint16)
+
+    def _rows(self, futs: dict, shard: int, cs: list[int], a: int, b: int, hidden_out: np.ndarray) -> dict:
+        """Rows a..b: hidden copied into hidden_out[:b-a] ([L, 3H]), the small arrays returned."""
+        small = [f for f in FIELDS if f != "hidden"]
         if not cs:
-            return {f: self._empty(shard, f) for f in FIELDS}
+            return {f: self._empty(shard, f) for f in small}
         cr = self.L.reader.shards[shard].array("input_ids").chunk_rows
         parts = [(futs[(shard, c)].result(), max(a, c * cr) - c * cr, min(b, (c + 1) * cr) - c * cr) for c in cs]
+        at = 0
+        for d, s, e in parts:
+            hidden_out[at:at + e - s] = d["hidden"][s:e].reshape(e - s, -1)
+            at += e - s
         if len(parts) == 1:
             d, s, e = parts[0]
-            return {f: d[f][s:e].copy() for f in FIELDS}
-        return {f: np.concatenate([d[f][s:e] for d, s, e in parts]) for f in FIELDS}
+            return {f: d[f][s:e].copy() for f in small}
+        return {f: np.concatenate([d[f][s:e] for d, s, e in parts]) for f in small}
 
     def _empty(self, shard: int, f: str) -> np.ndarray:
         arr = self.L.reader.shards[shard].array(f)
@@ -183,15 +217,17 @@ class _Run:
 
         for j, b in enumerate(self.L.batches):
             with self.cond:
-                while not all(i in self.ready for i in b) and self.error is None and not self.stopped:
+                while (j not in self.ready or len(self.ready[j][1]) < len(b)) and self.error is None \
+                        and not self.stopped:
                     self.cond.wait()
                 if self.error is not None or self.stopped:
                     return
-                samples = [self.ready.pop(i) for i in b]
+                hidden, got = self.ready.pop(j)
+                samples = [got[i] for i in b]
                 # the reader may now run as far as the batch `prefetch` places ahead needs
                 self.horizon = self.L.plan.horizon[min(j + 1 + self.L.prefetch, len(self.L.batches) - 1)]
                 self.cond.notify_all()
-            batch = collate(samples, self.L.t2d, None, sample_ids=b)
+            batch = collate(samples, self.L.t2d, None, sample_ids=b, hidden=hidden)
             if self.L.pin:
                 batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             if not self._put(batch):
