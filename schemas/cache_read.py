@@ -51,10 +51,13 @@ def warn_once(key: str, msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+CRC32C_RESIDUE = 0x48674BC7  # crc32c(data + crc32c(data) as 4 little-endian bytes), for any data
+
+
 def _crc32c(b) -> int:
     import google_crc32c
 
-    return int(google_crc32c.value(bytes(b) if not isinstance(b, (bytes, bytearray)) else b))
+    return int(google_crc32c.value(b if isinstance(b, bytes) else bytes(b)))
 
 
 class _Decoder:
@@ -89,9 +92,10 @@ class _Decoder:
         if self.crc:
             if len(buf) < 4:
                 raise ChunkError(f"{where}: {len(buf)} bytes, too short to hold its crc32c")
-            body, tail = memoryview(buf)[:-4], bytes(buf[-4:])
-            if _crc32c(body) != int.from_bytes(tail, "little"):
+            # crc32c over the bytes *and* their appended little-endian crc is a constant: no copy
+            if _crc32c(buf) != CRC32C_RESIDUE:
                 raise ChunkError(f"{where}: crc32c mismatch (the chunk's bytes changed since it was written)")
+            body = memoryview(buf)[:-4]
         else:
             body = memoryview(buf)
         out = np.empty(nbytes, dtype=np.uint8) if out is None else out.reshape(-1).view(np.uint8)
@@ -209,7 +213,7 @@ class ChunkedArray:
         with open(self.file, "rb") as f:
             f.seek(size - n)
             raw = f.read(n)
-        if self.index_crc and _crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        if self.index_crc and _crc32c(raw) != CRC32C_RESIDUE:
             raise ChunkError(f"{self.where}: the chunk index fails its crc32c (file edited or truncated)")
         idx = np.frombuffer(raw[:self.n_inner * 16], dtype="<u8").reshape(self.n_inner, 2)
         body = size - n
