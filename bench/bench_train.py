@@ -181,7 +181,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--speed-steps", type=int, default=20, help="steps timed for the steps/s ratios")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=0, help="train.num_workers (0: the chunk loader's threads)")
     ap.add_argument("--target-path", default=None, help="target for the online comparison (default: from cache.json)")
     ap.add_argument("--parts", default="train,loader,speed,online",
                     help="comma-separated subset of train,loader,speed,online")

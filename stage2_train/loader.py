@@ -190,7 +190,10 @@ class _Run:
     def _hidden_buffer(self, j: int, shard: int) -> np.ndarray:
         """Batch j's padded bf16-bits buffer [B, L, 3H] (zeros: padding rows stay zero)."""
         rs = self.L.reader.shards[shard].array("hidden").row_shape
-        return np.zeros((len(self.L.batches[j]), self.L.plan.batch_len[j], int(np.prod(rs))), dtype=np.uint16)
+        shape = (len(self.L.batches[j]), self.L.plan.batch_len[j], int(np.prod(rs)))
+        if self.L.pin:  # page-locked from the start: the host-to-device copy needs no staging copy
+            return torch.zeros(shape, dtype=torch.int16, pin_memory=True).numpy().view(np.uint16)
+        return np.zeros(shape, dtype=np.uint16)
 
     def _rows(self, futs: dict, shard: int, cs: list[int], a: int, b: int, hidden_out: np.ndarray) -> dict:
         """Rows a..b: hidden copied into hidden_out[:b-a] ([L, 3H]), the small arrays returned."""
@@ -229,7 +232,8 @@ class _Run:
                 self.cond.notify_all()
             batch = collate(samples, self.L.t2d, None, sample_ids=b, hidden=hidden)
             if self.L.pin:
-                batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v)
+                         for k, v in batch.items()}
             if not self._put(batch):
                 return
         self._put(None)

@@ -205,3 +205,22 @@ def test_training_cli_reports_a_corrupt_chunk_without_traceback(cache, tmp_path)
     assert p.returncode == 1, text[-3000:]
     assert "00002.zarr" in text and "'hidden'" in text and "crc32c" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+def test_parallel_compression_writes_the_same_bytes(tmp_path, compressor):
+    import zarr
+
+    from schemas.cache_write import write_array
+
+    a = (np.random.default_rng(0).standard_normal((1000, 3, 16)) * 100).astype(np.int16).view(np.uint16)
+    a[200:400] = 0  # an all-zero chunk is written too (never an index entry that reads as fill_value)
+    files = []
+    for threads in (1, 3):
+        p = tmp_path / f"t{threads}"
+        write_array(p, a, chunk_rows=64, compressor=compressor, attributes={}, threads=threads)
+        files.append((p / "c" / "0" / "0" / "0").read_bytes())
+        np.testing.assert_array_equal(zarr.open_array(str(p), mode="r")[...], a)
+    assert files[0] == files[1]
+    idx = np.frombuffer(files[0][-(16 * 16 + 4):-4], dtype="<u8").reshape(16, 2)
+    assert (idx != (1 << 64) - 1).all()
