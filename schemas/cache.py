@@ -135,14 +135,6 @@ def make_compressor(name: str):
     raise ValueError(f"unknown compressor '{name}' (none, zstd, blosc-zstd, lz4)")
 
 
-def chunk_codecs(name: str) -> list:
-    """Compressor then a crc32c of each compressed inner chunk: every read is integrity checked."""
-    from zarr.codecs import Crc32cCodec
-
-    comp = make_compressor(name)
-    return ([comp] if comp is not None else []) + [Crc32cCodec()]
-
-
 def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *,
                 compressor: str = "zstd", chunk_rows: int = 2048, extra: Optional[dict] = None,
                 hidden_dtype: str = "bfloat16", threads: int = 1) -> dict:
@@ -153,7 +145,7 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
     and checksummed by `threads` threads (schemas.cache_write). Returns the shard.json
     content. A shard already committed is an error: callers skip.
     """
-    from schemas.cache_write import write_array
+    from schemas.cache_write import hash_pool, write_array
 
     final = shards_dir(cache_root) / shard_name(k)
     if is_committed(final):
@@ -175,9 +167,10 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
             raise CacheError(f"write_shard: '{name}' has dtype {a.dtype}, the layout stores {stored}")
         rows = max(1, min(chunk_rows, a.shape[0])) if (name in ROW_ARRAYS or name == "hidden_scale") \
             else max(1, a.shape[0])
+        digest = hash_pool().submit(array_checksum, a)  # sha256 (GIL released) while the chunks compress
         write_array(tmp / name, a, chunk_rows=rows, compressor=compressor, attributes={"logical_dtype": logical},
                     threads=threads)
-        checksums[name] = array_checksum(a)
+        checksums[name] = digest.result()
     offsets = arrays["offsets"]
     info = {
         "schema": SHARD_SCHEMA_ID,

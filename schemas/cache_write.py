@@ -27,6 +27,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
+def hash_pool() -> ThreadPoolExecutor:
+    """One thread for the whole-array sha256 of shard.json, next to the compression threads."""
+    if -1 not in _POOLS:
+        _POOLS[-1] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-sha256")
+    return _POOLS[-1]
+
+
 def _codec(compressor: str, itemsize: int) -> tuple[Optional[object], list[dict]]:
     """(numcodecs codec or None, its zarr v3 codec JSON entries)."""
     if compressor == "none":
