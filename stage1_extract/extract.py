@@ -361,6 +361,7 @@ IDENTITY_KEYS = {
     "data.sources": "data (sources / sha256)",
     "data.num_samples": "data (number of samples)",
     "samples_per_shard": "samples per shard (extract.samples_per_shard)",
+    "hidden_dtype": "hidden dtype (extract.hidden_dtype)",
 }
 
 

@@ -65,7 +65,7 @@ def caches(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fp8")
     tdir = tiny_target(tmp / "t", "llama")
     data = write_jsonl(tmp / "d.jsonl", sharegpt_rows(8, seed=2))
-    out = {}
+    out = {"target": tdir, "data": data}
     for dt in ("bf16", "fp8"):
         cfg = load_config(raw={"target": {"path": str(tdir)}, "data": {"train": [str(data)]},
                                "extract": {"cache": str(tmp / f"cache-{dt}"), "samples_per_shard": 3, "topk": 4,
@@ -110,3 +110,12 @@ def test_stats_verify_and_loader_understand_fp8(caches):
     for got, ids in zip(CacheLoader(r, o.arrivals, o.batches, t2d), o.batches):
         want = collate([r.sample(i) for i in ids], t2d, sample_ids=ids)
         assert torch.equal(got["hidden"], want["hidden"]) and got["hidden"].dtype == torch.bfloat16
+
+
+def test_resuming_an_extraction_with_another_hidden_dtype_is_refused(caches):
+    cfg = load_config(raw={"target": {"path": str(caches["target"])}, "data": {"train": [str(caches["data"])]},
+                           "extract": {"cache": str(caches["bf16"]), "samples_per_shard": 3, "topk": 4,
+                                       "layers": [1, 3, 5], "chunk_rows": 32, "hidden_dtype": "fp8"}})
+    with pytest.raises(Exception, match=r"hidden dtype \(extract.hidden_dtype\): cache has 'bfloat16', this run has "
+                                        r"'float8_e4m3fn'"):
+        run_extract(cfg, progress=False)
