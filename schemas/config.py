@@ -97,7 +97,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: decode threads in this process)")
     loader_threads: int = Field(2, ge=1, description="threads decoding chunks ahead of the step (stage2_train.loader)")
-    shuffle_buffer: int = Field(256, ge=1, description="samples in the shuffle buffer (stage2_train.sampler)")
+    shuffle_buffer: int = Field(64, ge=1, description="samples in the shuffle buffer (stage2_train.sampler); host "
+                                "memory ~ (shuffle_buffer + 32 x micro_batch_size) x mean sample rows x row bytes")
     open_shards: int = Field(4, ge=1, description="shards read at once, interleaved at random (stage2_train.sampler)")
     seed: int = 0
     report_to: Literal["none", "wandb"] = "none"

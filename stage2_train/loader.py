@@ -8,8 +8,9 @@ three kinds of threads work ahead of the training step:
   last sample;
 * the reader thread: walks the samples in read (arrival) order, copies each needed
   sample's hidden rows straight into its micro-batch's padded buffer (one copy; the
-  small arrays per sample), and stops when it is far enough ahead of the step (the
-  samples the next `prefetch` batches need); decode buffers are recycled;
+  small arrays per sample), and stops when it has read what the next `read_ahead`
+  batches need (default 40: more than one length-sorting window of the sampler, whose
+  first batch needs the whole window read); decode buffers are recycled;
 * the collate thread: pads each micro-batch, rebuilds its teacher, pins it (CUDA) and
   queues it (at most `prefetch` batches).
 There is no per-sample zarr call and no per-sample file read. Errors in any thread
@@ -69,7 +70,7 @@ class CacheLoader:
 
     def __init__(self, reader: CacheReader, arrivals: np.ndarray, batches: Sequence[Sequence[int]],
                  target_to_draft: np.ndarray, max_length: Optional[int] = None, *, threads: int = 2,
-                 prefetch: int = 4, pin_memory: Optional[bool] = None):
+                 prefetch: int = 4, read_ahead: int = 40, pin_memory: Optional[bool] = None):
         for sh in reader.shards.values():
             arrs = [sh.array(n) for n in FIELDS] + ([sh.array("hidden_scale")] if "hidden_scale" in sh.layout else [])
             if not all(a.fast for a in arrs) or len({a.chunk_rows for a in arrs if a.shape[0]}) > 1:
@@ -82,6 +83,7 @@ class CacheLoader:
         self.plan = _Plan(reader, arrivals, self.batches, max_length)
         self.threads = max(1, int(threads))
         self.prefetch = max(1, int(prefetch))
+        self.read_ahead = max(self.prefetch, int(read_ahead))
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def __len__(self) -> int:
@@ -104,7 +106,7 @@ class _Run:
         self.ready: dict[int, list] = {}  # batch -> [hidden buffer, {sample: small rows}]
         self.free: dict[tuple, list] = {}  # recycled decode buffers by (shape, dtype)
         self.free_lock = threading.Lock()
-        self.horizon = loader.plan.horizon[min(loader.prefetch, len(loader.batches) - 1)] if loader.batches else -1
+        self.horizon = loader.plan.horizon[min(loader.read_ahead, len(loader.batches) - 1)] if loader.batches else -1
         self.error: Optional[BaseException] = None
         self.stopped = False
         self.out: queue.Queue = queue.Queue(maxsize=loader.prefetch)
@@ -227,8 +229,8 @@ class _Run:
                     return
                 hidden, got = self.ready.pop(j)
                 samples = [got[i] for i in b]
-                # the reader may now run as far as the batch `prefetch` places ahead needs
-                self.horizon = self.L.plan.horizon[min(j + 1 + self.L.prefetch, len(self.L.batches) - 1)]
+                # the reader may now run as far as the batch `read_ahead` places ahead needs
+                self.horizon = self.L.plan.horizon[min(j + 1 + self.L.read_ahead, len(self.L.batches) - 1)]
                 self.cond.notify_all()
             batch = collate(samples, self.L.t2d, None, sample_ids=b, hidden=hidden)
             if self.L.pin:
@@ -262,4 +264,7 @@ class _Run:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        except (AttributeError, TypeError):  # a generator collected at interpreter exit: modules are gone
+            pass

@@ -106,7 +106,7 @@ def pack(stream: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *, m
 
 
 def chunk_aware_order(shard_of: np.ndarray, lengths: np.ndarray, indices: Sequence[int], *, micro_batch_size: int,
-                      max_tokens: int, seed: int, epoch: int, shuffle_buffer: int = 256, open_shards: int = 4,
+                      max_tokens: int, seed: int, epoch: int, shuffle_buffer: int = 64, open_shards: int = 4,
                       window: int = 32) -> EpochOrder:
     """The epoch's micro-batches (see the module docstring); deterministic in every argument."""
     idx = np.asarray(indices, dtype=np.int64)
