@@ -36,11 +36,10 @@ import numpy as np
 
 from schemas.cache import (
     CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards,
-    file_sha256,
-    read_cache_json,
+    file_sha256, read_cache_json,
 )
-from schemas.fp8 import quantize_packed
 from schemas.config import RunConfig, resolve_layers
+from schemas.fp8 import quantize_packed
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
 
