@@ -11,7 +11,12 @@ Prints, for N AlpacaEval conversations:
 * top-K probability mass captured (mean, p5) for K = 16, 32, 64 (from one K=64 cache:
   the top-16 are its first 16 columns);
 * with --codecs: compression ratio and write MB/s of candidate codecs on the real
-  hidden states / top-K arrays of the first shard.
+  hidden states / top-K arrays of the first shard;
+* --hidden-dtype fp8: the same with fp8 hidden states (e4m3 + fp16 scale per token per
+  layer), bytes/token against SpecForge's unpadded layout;
+* --writer: the shard writer alone (write_shard: compression + crc32c + commit) on a
+  synthetic MiniCPM4-8B-sized shard (H=4096, K=64) with 1 and 2 threads: MB/s of raw
+  features per core, and the cores one H100 extracting MiniCPM4-8B would need.
 The machine is shared: bare and extraction alternate shard by shard (each shard's pair
 in alternating order), and CPU seconds are reported next to wall seconds.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -142,6 +148,55 @@ def codec_table(cache: Path) -> list[dict]:
     return rows
 
 
+def bench_writer(args) -> None:
+    """write_shard (compress + crc32c + write + rename) of a synthetic H=4096 shard, 1 and 2 threads."""
+    import numpy as np
+
+    from bench.bench_loader import K, synth_shard
+    from schemas.cache import write_shard
+    from schemas.fp8 import quantize_e4m3
+
+    H = 4096
+    rng = np.random.default_rng(0)
+    lengths = np.full(args.writer_tokens // 512, 512, dtype=np.int64)
+    arrays = synth_shard(rng, lengths, H)
+    arrays["sample_index"] = np.arange(len(lengths), dtype=np.int64)
+    dtype = "float8_e4m3fn" if args.hidden_dtype == "fp8" else "bfloat16"
+    if args.hidden_dtype == "fp8":
+        import torch
+
+        q, sc = quantize_e4m3(torch.from_numpy(arrays["hidden"].view(np.int16)).view(torch.bfloat16))
+        arrays["hidden"], arrays["hidden_scale"] = q.numpy(), sc.numpy()
+    raw = sum(a.nbytes for a in arrays.values())
+    work = Path(tempfile.mkdtemp(prefix="bench-writer-"))
+    res = {"hidden_size": H, "topk": K, "tokens": int(lengths.sum()), "raw_MB": round(raw / 1e6, 1),
+           "hidden_dtype": dtype, "compressor": args.compressor, "load_avg": os.getloadavg()}
+    try:
+        for threads in (1, 2):
+            best, cpu = float("inf"), float("inf")
+            for rep in range(3):
+                t, c = time.perf_counter(), time.process_time()
+                write_shard(work, rep + 10 * threads, arrays, compressor=args.compressor, hidden_dtype=dtype,
+                            threads=threads)
+                best, cpu = min(best, time.perf_counter() - t), min(cpu, time.process_time() - c)
+            res[f"MBps_{threads}threads"] = round(raw / best / 1e6, 1)
+            # per CPU-second (all threads): what one core does, whatever the machine's other load
+            res[f"MB_per_cpu_s_{threads}threads"] = round(raw / cpu / 1e6, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    per_core = res["MB_per_cpu_s_1threads"]
+    need = args.h100_prefill_tok_s * raw / res["tokens"] / 1e6
+    res.update(raw_bytes_per_token=round(raw / res["tokens"], 1), h100_prefill_tok_s=args.h100_prefill_tok_s,
+               h100_raw_MBps=round(need, 1), cores_for_one_h100=round(need / per_core, 2))
+    print(f"writer ({args.compressor}, {dtype}, H={H}, K={K}): {res['MBps_1threads']} MB/s raw on 1 thread, "
+          f"{res['MBps_2threads']} MB/s on 2 (wall); {per_core} MB per CPU-second; "
+          f"one H100 at {args.h100_prefill_tok_s:,.0f} tok/s produces "
+          f"{need:.0f} MB/s raw -> {res['cores_for_one_h100']} cores (load avg {res['load_avg'][0]:.1f})")
+    print(json.dumps(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="conversations")
@@ -150,9 +205,17 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-batch", type=int, default=2048)
     ap.add_argument("--compressor", default="zstd")
     ap.add_argument("--codecs", action="store_true", help="also measure candidate codecs")
+    ap.add_argument("--hidden-dtype", default="bf16", choices=["bf16", "fp8"])
+    ap.add_argument("--writer", action="store_true", help="only the writer MB/s per core (synthetic H=4096 shard)")
+    ap.add_argument("--writer-tokens", type=int, default=8192)
+    ap.add_argument("--h100-prefill-tok-s", type=float, default=25000.0,
+                    help="assumed MiniCPM4-8B prefill tokens/s on one H100 (for the cores estimate)")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed)")
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = ap.parse_args()
+    if args.writer:
+        bench_writer(args)
+        return
     if not DATA.is_file():
         sys.exit(f"skip: {DATA} is absent")
 
@@ -168,7 +231,7 @@ def main() -> None:
                            "data": {"train": [str(DATA)], "max_samples": args.n, "max_length": args.max_length},
                            "extract": {"cache": str(cache), "topk": 64, "samples_per_shard": args.samples_per_shard,
                                        "max_tokens_per_batch": args.max_tokens_per_batch,
-                                       "compressor": args.compressor}})
+                                       "compressor": args.compressor, "hidden_dtype": args.hidden_dtype}})
     t = time.perf_counter()
     model, tok, hf_dir = load_target(cfg.target)
     samples, _ = build_samples(cfg, tok)
@@ -228,6 +291,8 @@ def main() -> None:
         "cache_bytes_per_token": round(shard_bytes / n_tok, 1),
         "specforge_bytes_per_token": round(sf / n_tok, 1),
         "specforge_over_cache": round(sf / shard_bytes, 2),
+        "hidden_dtype": args.hidden_dtype,
+        "cache_over_specforge_unpadded": round(shard_bytes / sf, 3),
         "topk_mass": topk_mass(cache),
     }
     print(f"bytes/token: cache {res['cache_bytes_per_token']} (K=64, 3 layers), SpecForge layout "

@@ -6,7 +6,10 @@
    acc/loss (mean ± std) and simulated acceptance length;
 2. loader throughput alone (tokens/s, MB/s of stored row bytes) from the zarr cache vs the same
    rows from np.memmap files, raw rows and fully collated batches (teacher rebuilt);
-3. train steps/s reading from the cache (DataLoader) vs the same batches held in memory;
+3. train steps/s reading from the cache (the training loader: chunk-aware order, decode
+   threads) vs the same batches held in memory, with the real CPU step and with a GPU step
+   emulated by a sleep of tokens / --gpu-tok-s (default 20,000 tokens/s: the upper estimate
+   for one H100 training the MiniCPM4-8B head, issue 12);
 4. train steps/s offline (cache) vs online (target forward + top-k + draft step on the same batches).
 Prints a table and writes --json.
 """
@@ -28,7 +31,8 @@ import torch  # noqa: E402
 from schemas.cache import ROW_ARRAYS, CacheReader  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from schemas.head import make_head_config  # noqa: E402
-from stage2_train.data import BatchDataset, collate, make_batches, make_loader  # noqa: E402
+from stage2_train.data import BatchDataset, collate, make_batches, make_loader, make_train_loader  # noqa: E402
+from stage2_train.sampler import chunk_aware_order  # noqa: E402
 from stage2_train.losses import ttt_forward  # noqa: E402
 from stage2_train.model import Eagle3Draft  # noqa: E402
 from stage2_train.teacher import build_teacher  # noqa: E402
@@ -102,6 +106,10 @@ def bench_loader(reader, batches, vocab, max_length, mm, offs, workers: int) -> 
     res["cache_batches"] = dt
     dt, _ = timed(lambda: [b for b in make_loader(ds_mm, workers)])
     res["memmap_batches"] = dt
+    arrivals = np.array([i for b in batches for i in b])  # read order = batch order (no shuffle buffer)
+    dt, _ = timed(lambda: [b for b in make_train_loader(reader, arrivals, batches, vocab.target_to_draft(),
+                                                        max_length, threads=2)])
+    res["chunk_loader_batches"] = dt
     tot = sum(reader.refs[i].length for i in idx)
     return {k: {"s": v, "tokens_per_s": tokens / v, "MB_per_s": tot * rb / v / 1e6} for k, v in res.items()}
 
@@ -124,6 +132,22 @@ def train_steps(model, batches_iter, n, ttt):
         o.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return n / (time.perf_counter() - t)
+
+
+def _skip_first(batches):
+    """Iterator past the first batch (its wait is the same from memory and from the cache)."""
+    it = iter(batches)
+    next(it)
+    return it
+
+
+def emulated_steps(batches_iter, n, gpu_tok_s):
+    """steps/s of a GPU step emulated by a sleep (the GIL is free, as during a CUDA step)."""
+    t = time.perf_counter()
+    for _ in range(n):
+        b = next(batches_iter)
+        time.sleep(b["tokens"] / gpu_tok_s)
     return n / (time.perf_counter() - t)
 
 
@@ -157,11 +181,13 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--speed-steps", type=int, default=20, help="steps timed for the steps/s ratios")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=0, help="train.num_workers (0: the chunk loader's threads)")
     ap.add_argument("--target-path", default=None, help="target for the online comparison (default: from cache.json)")
     ap.add_argument("--parts", default="train,loader,speed,online",
                     help="comma-separated subset of train,loader,speed,online")
     ap.add_argument("--rounds", type=int, default=4, help="speed: alternate memory/cache blocks this many times")
+    ap.add_argument("--threads", type=int, default=2, help="loader decode threads (train.loader_threads)")
+    ap.add_argument("--gpu-tok-s", type=float, default=20000.0, help="emulated GPU step: sleep tokens / this")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -203,21 +229,33 @@ def main():
 
     # 3. steps/s: from the cache (DataLoader) vs the same batches in memory, alternating blocks so
     #    that drifting background load on a shared machine hits both sides alike
-    n = min(a.speed_steps, len(batches) // a.rounds)
     model = make_model(reader, vocab, a.draft_vocab)
+    order = chunk_aware_order(np.array([x.shard for x in reader.refs]), np.minimum(reader.lengths(), a.max_length),
+                              np.arange(len(reader)), micro_batch_size=a.micro_batch, max_tokens=a.max_tokens,
+                              seed=0, epoch=0)
+    n = min(a.speed_steps, len(order.batches) // a.rounds - 1)
+
+    def cache_loader(bl):
+        return make_train_loader(reader, order.arrivals, bl, vocab.target_to_draft(), a.max_length,
+                                 num_workers=0, threads=a.threads)
+
     if parts & {"speed", "online"}:
-        blocks = [batches[r * n:(r + 1) * n] for r in range(a.rounds)]
-        mems = [[b for b in make_loader(BatchDataset(reader, bl, vocab.target_to_draft(), a.max_length), 0)]
-                for bl in blocks]
+        # one extra batch per block: the first batch of a fresh loader is awaited in either case
+        blocks = [order.batches[r * (n + 1):(r + 1) * (n + 1)] for r in range(a.rounds)]
+        mems = [list(cache_loader(bl)) for bl in blocks]
         train_steps(model, iter(mems[0][:2]), 2, a.ttt)  # warm-up
     if "speed" in parts:
-        t_mem = t_cache = 0.0
-        for r in range(a.rounds):
-            t_mem += n / train_steps(model, iter(mems[r]), n, a.ttt)
-            loader = make_loader(BatchDataset(reader, blocks[r], vocab.target_to_draft(), a.max_length), a.workers)
-            t_cache += n / train_steps(model, iter(loader), n, a.ttt)
+        t_mem = t_cache = e_mem = e_cache = 0.0
+        for r in range(a.rounds):  # alternating blocks: drifting load hits both sides alike
+            t_mem += n / train_steps(model, _skip_first(mems[r]), n, a.ttt)
+            t_cache += n / train_steps(model, _skip_first(cache_loader(blocks[r])), n, a.ttt)
+            e_mem += n / emulated_steps(_skip_first(mems[r]), n, a.gpu_tok_s)
+            e_cache += n / emulated_steps(_skip_first(cache_loader(blocks[r])), n, a.gpu_tok_s)
         report["steps_per_s"] = {"memory": n * a.rounds / t_mem, "cache": n * a.rounds / t_cache,
-                                 "cache_over_memory": t_mem / t_cache, "steps": n * a.rounds}
+                                 "cache_over_memory": t_mem / t_cache, "steps": n * a.rounds,
+                                 "emulated_gpu_tok_s": a.gpu_tok_s, "emulated_memory": n * a.rounds / e_mem,
+                                 "emulated_cache": n * a.rounds / e_cache, "emulated_cache_over_memory": e_mem / e_cache,
+                                 "loader_threads": a.threads, "load_avg": os.getloadavg()}
     report.setdefault("steps_per_s", {})
 
     # 4. offline vs online (target resident, forward on every step)
@@ -247,7 +285,10 @@ def main():
         print(f"| loader {k} | {v['tokens_per_s']:.0f} tok/s, {v['MB_per_s']:.1f} MB/s |")
     S = report["steps_per_s"]
     if "memory" in S:
-        print(f"| steps/s memory / cache | {S['memory']:.3f} / {S['cache']:.3f} (ratio {S['cache_over_memory']:.3f}) |")
+        print(f"| steps/s memory / cache (CPU step) | {S['memory']:.3f} / {S['cache']:.3f} "
+              f"(ratio {S['cache_over_memory']:.3f}) |")
+        print(f"| steps/s memory / cache (GPU step emulated, {S['emulated_gpu_tok_s']:,.0f} tok/s) | "
+              f"{S['emulated_memory']:.3f} / {S['emulated_cache']:.3f} (ratio {S['emulated_cache_over_memory']:.3f}) |")
     if "online" in S:
         print(f"| steps/s online (target resident) | {S['online']:.3f} (offline/online {S['offline_over_online']:.2f}) |")
     if "train_run" in report and report["train_run"]["heldout"]:

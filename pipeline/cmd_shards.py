@@ -89,7 +89,8 @@ def verify_cache(root: Path) -> dict:
             notes.append(f"{row['name']}: {row['status']} (ignored by readers)")
             continue
         checked += 1
-        problems = verify_shard(shards_dir(root) / row["name"], hidden_size=H, topk=K, vocab_size=V)
+        problems = verify_shard(shards_dir(root) / row["name"], hidden_size=H, topk=K, vocab_size=V,
+                                hidden_dtype=meta.get("hidden_dtype", "bfloat16"))
         if problems:
             bad[row["name"]] = problems
     expected = meta.get("num_shards")
@@ -158,6 +159,7 @@ def cache_stats(root: Path) -> dict:
         "raw_bytes_per_token": round(raw / tokens, 2) if tokens else None,
         "compression_ratio": round(raw / disk, 3) if disk else None,
         "topk": r.topk, "layers": r.layers, "hidden_size": r.hidden_size, "vocab_size": r.vocab_size,
+        "hidden_dtype": r.hidden_dtype,
         "topk_mass_mean": round(sum_all / n_all, 5) if n_all else None,
         "topk_mass_p5": p5(hist_all, n_all),
         "topk_mass_mean_loss": round(sum_loss / n_loss, 5) if n_loss else None,
@@ -294,7 +296,9 @@ def register(app: typer.Typer) -> None:
         out.print(f"{s['shards']} shards, {s['samples']:,} samples, {s['tokens']:,} tokens "
                   f"({s['loss_tokens']:,} loss tokens)", highlight=False)
         out.print(f"on disk {_fmt_bytes(s['bytes'])} = {s['bytes_per_token']} B/token "
-                  f"(raw {s['raw_bytes_per_token']} B/token, ratio {s['compression_ratio']}x)", highlight=False)
+                  f"(raw {s['raw_bytes_per_token']} B/token, ratio {s['compression_ratio']}x); hidden states "
+                  f"{s['hidden_dtype']}" + (" (one fp16 scale per token per layer)" if s["hidden_dtype"] != "bfloat16"
+                                            else ""), highlight=False)
         out.print(f"top-{s['topk']} probability mass: mean {s['topk_mass_mean']}, p5 {s['topk_mass_p5']} "
                   f"(rows teaching a loss token: mean {s['topk_mass_mean_loss']}, p5 {s['topk_mass_p5_loss']})",
                   highlight=False)

@@ -39,6 +39,23 @@ ARRAYS: dict[str, tuple[str, str]] = {
     "token_counts": ("int64", "int64"),
 }
 ROW_ARRAYS = ("input_ids", "loss_mask", "hidden", "topk_ids", "topk_logprobs")
+# extract.hidden_dtype fp8: hidden as float8 e4m3 bits + one fp16 scale per token per layer (schemas.fp8)
+HIDDEN_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+FP8_ARRAYS: dict[str, tuple[str, str]] = {**ARRAYS, "hidden": ("uint8", "float8_e4m3fn"),
+                                          "hidden_scale": ("float16", "float16")}
+
+
+def layout(hidden_dtype: str = "bfloat16") -> dict[str, tuple[str, str]]:
+    """Stored arrays of a shard for cache.json's hidden_dtype ("bfloat16" or "float8_e4m3fn")."""
+    if hidden_dtype in ("bfloat16", "bf16", None):
+        return ARRAYS
+    if hidden_dtype in ("float8_e4m3fn", "fp8"):
+        return FP8_ARRAYS
+    raise CacheError(f"hidden_dtype {hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES.values())}")
+
+
+def stored_row_arrays(hidden_dtype: str = "bfloat16") -> tuple[str, ...]:
+    return tuple(n for n in layout(hidden_dtype) if n in ROW_ARRAYS or n == "hidden_scale")
 
 
 class CacheError(RuntimeError):
@@ -175,13 +192,16 @@ def make_compressor(name: str):
 
 
 def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *,
-                compressor: str = "zstd", chunk_rows: int = 2048, extra: Optional[dict] = None) -> dict:
+                compressor: str = "zstd", chunk_rows: int = 2048, extra: Optional[dict] = None,
+                hidden_dtype: str = "bfloat16", threads: int = 1) -> dict:
     """Write shard k atomically: temp dir -> arrays -> shard.json (last) -> rename.
 
-    `arrays` holds every name of ARRAYS with the stored dtype (hidden as uint16 bits).
-    Returns the shard.json content. A shard already committed is an error: callers skip.
+    `arrays` holds every name of `layout(hidden_dtype)` with the stored dtype (hidden as
+    uint16 bf16 bits, or uint8 e4m3 bits + hidden_scale). Inner chunks are compressed
+    and checksummed by `threads` threads (schemas.cache_write). Returns the shard.json
+    content. A shard already committed is an error: callers skip.
     """
-    import zarr
+    from schemas.cache_write import hash_pool, write_array
 
     final = shards_dir(cache_root) / shard_name(k)
     if is_committed(final):
@@ -189,26 +209,24 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
     tmp = temp_shard_path(cache_root, k)  # this process's own: its name holds the owner (schemas.locks)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    missing = set(ARRAYS) - set(arrays)
+    names = layout(hidden_dtype)
+    missing = set(names) - set(arrays)
     if missing:
         raise CacheError(f"write_shard: arrays missing: {sorted(missing)}")
-    comp = make_compressor(compressor)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    group_json = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "zarr.json").write_text(json.dumps(group_json))
     checksums = {}
-    for name, (stored, logical) in ARRAYS.items():
+    for name, (stored, logical) in names.items():
         a = np.ascontiguousarray(arrays[name])
         if a.dtype != np.dtype(stored):
             raise CacheError(f"write_shard: '{name}' has dtype {a.dtype}, the layout stores {stored}")
-        rows = max(1, min(chunk_rows, a.shape[0])) if name in ROW_ARRAYS else max(1, a.shape[0])
-        chunks = (rows, *a.shape[1:])
-        n_chunks = max(1, -(-a.shape[0] // rows))
-        shards = (n_chunks * rows, *a.shape[1:])  # one file per array: the sharding codec
-        arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
-                                 compressors=comp, attributes={"logical_dtype": logical},
-                                 fill_value=0)
-        if a.size:
-            arr[...] = a
-        checksums[name] = array_checksum(a)
+        rows = max(1, min(chunk_rows, a.shape[0])) if (name in ROW_ARRAYS or name == "hidden_scale") \
+            else max(1, a.shape[0])
+        digest = hash_pool().submit(array_checksum, a)  # sha256 (GIL released) while the chunks compress
+        write_array(tmp / name, a, chunk_rows=rows, compressor=compressor, attributes={"logical_dtype": logical},
+                    threads=threads)
+        checksums[name] = digest.result()
     offsets = arrays["offsets"]
     info = {
         "schema": SHARD_SCHEMA_ID,
@@ -216,10 +234,12 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
         "samples": int(len(offsets) - 1),
         "tokens": int(offsets[-1]) if len(offsets) else 0,
         "loss_tokens": int(arrays["loss_mask"].sum()),
-        "raw_bytes": int(sum(np.asarray(arrays[n]).nbytes for n in ARRAYS)),
+        "raw_bytes": int(sum(np.asarray(arrays[n]).nbytes for n in names)),
         "compressor": compressor,
         "chunk_rows": chunk_rows,
         "checksums": checksums,
+        "chunk_checksums": "crc32c",
+        **({"hidden_dtype": "float8_e4m3fn"} if names is FP8_ARRAYS else {}),
         **(extra or {}),
     }
     (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
@@ -302,31 +322,69 @@ class SampleRef:
 
 
 class ShardReader:
-    """One committed shard; arrays are opened lazily (and re-opened after pickling)."""
+    """One committed shard, read chunk by chunk with integrity checks (schemas.cache_read).
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.info = json.loads((path / SHARD_JSON).read_text())
-        self._arrays: dict[str, Any] = {}
+    Opening checks shard.json and every array's zarr.json against each other and against
+    cache.json's hidden_dtype (dtypes, row counts, offsets); reads decode whole inner
+    chunks, each verified by its crc32c when the cache has them. Every failure is a
+    CacheError naming the shard, the array and what is wrong. Picklable.
+    """
+
+    def __init__(self, path: Path, hidden_dtype: str = "bfloat16"):
+        from schemas.cache_read import ChunkedArray, warn_once
+
+        self.path = Path(path)
+        try:
+            self.info = json.loads((self.path / SHARD_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CacheError(f"{self.path}: {SHARD_JSON} is unreadable ({e})") from None
+        self.hidden_dtype = hidden_dtype
+        self.layout = layout(hidden_dtype)
+        self._arrays: dict[str, ChunkedArray] = {n: ChunkedArray(self.path, n) for n in self.layout}
         self._small: dict[str, np.ndarray] = {}
+        self._check_metadata()
+        if not all(self._arrays[n].chunk_crc for n in stored_row_arrays(hidden_dtype)):
+            warn_once(f"nocrc:{self.path.parent}", f"{self.path.parent}: shards without per-chunk checksums "
+                      "(written before they existed): a changed byte in a chunk is caught only by "
+                      "`eagle3 shards verify`; missing or empty chunks are still refused")
 
-    def __getstate__(self):
-        return {"path": self.path, "info": self.info, "_arrays": {}, "_small": self._small}
+    def _check_metadata(self) -> None:
+        """dtype / shape of each array vs the layout and shard.json; offsets vs samples / tokens."""
+        info, where = self.info, str(self.path)
+        for key in ("samples", "tokens"):
+            if not isinstance(info.get(key), int) or isinstance(info.get(key), bool) or info[key] < 0:
+                raise CacheError(f"{where}/{SHARD_JSON}: '{key}' is {info.get(key)!r}, not a count")
+        T, N = info["tokens"], info["samples"]
+        rows = {n: T for n in stored_row_arrays(self.hidden_dtype)}
+        rows.update(offsets=N + 1, sample_index=N)
+        for name, (stored, _logical) in self.layout.items():
+            arr = self._arrays[name]
+            if arr.dtype != np.dtype(stored):
+                raise CacheError(f"{where}: array '{name}' has dtype {arr.dtype}, the cache stores {stored} "
+                                 f"(hidden_dtype {self.hidden_dtype})")
+            if name in rows and (not arr.shape or arr.shape[0] != rows[name]):
+                raise CacheError(f"{where}: array '{name}' has {arr.shape[0] if arr.shape else '?'} rows but "
+                                 f"{SHARD_JSON} says {rows[name]} ({'samples + 1' if name == 'offsets' else 'samples' if name == 'sample_index' else 'tokens'})")
+        o = self.small("offsets")
+        if o.size and (o[0] != 0 or o[-1] != T or (np.diff(o) < 0).any()):
+            raise CacheError(f"{where}: array 'offsets' is not a non-decreasing 0..{T} sequence "
+                             f"({SHARD_JSON} says {T} tokens)")
 
     def array(self, name: str):
+        """The ChunkedArray of `name` (rows(a, b), chunk(i), shape, dtype)."""
         if name not in self._arrays:
-            import zarr
-
-            try:
-                self._arrays[name] = zarr.open_array(str(self.path / name), mode="r")
-            except Exception as e:  # noqa: BLE001 - zarr raises several types here
-                raise CacheError(f"{self.path}: cannot open array '{name}': {e}") from None
+            raise CacheError(f"{self.path}: no array '{name}' in a {self.hidden_dtype} shard")
         return self._arrays[name]
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows of one array (CacheError on any integrity failure)."""
+        return self.array(name).rows(start, stop)
 
     def small(self, name: str) -> np.ndarray:
         """offsets / sample_index / token_counts, read once."""
         if name not in self._small:
-            self._small[name] = np.asarray(self.array(name)[...])
+            arr = self.array(name)
+            self._small[name] = self.read(name, 0, arr.shape[0]) if arr.shape else np.zeros(0)
         return self._small[name]
 
     @property
@@ -338,7 +396,17 @@ class ShardReader:
         return int(self.info["samples"])
 
     def rows(self, start: int, stop: int, fields: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:
-        return {f: np.asarray(self.array(f)[start:stop]) for f in fields}
+        """Logical rows: 'hidden' is always bf16 bits (uint16), dequantised from fp8 when stored so."""
+        out = {}
+        for f in fields:
+            if f == "hidden" and self.layout is FP8_ARRAYS:
+                from schemas.fp8 import dequantize_to_bf16_bits
+
+                out[f] = dequantize_to_bf16_bits(self.read("hidden", start, stop),
+                                                 self.read("hidden_scale", start, stop))
+            else:
+                out[f] = self.read(f, start, stop)
+        return out
 
     def sample(self, local: int, fields: Iterable[str] = ROW_ARRAYS) -> dict[str, np.ndarray]:
         o = self.offsets
@@ -383,7 +451,13 @@ class CacheReader:
         self.shard_ids = committed_shards(self.root)
         if not self.shard_ids:
             raise CacheError(f"cache {self.root} has no committed shards")
-        self.shards = {k: ShardReader(shards_dir(self.root) / shard_name(k)) for k in self.shard_ids}
+        self.hidden_dtype = str(self.meta.get("hidden_dtype", "bfloat16"))
+        try:
+            layout(self.hidden_dtype)
+        except CacheError as e:
+            raise CacheError(f"{cj}: {e}") from None
+        self.shards = {k: ShardReader(shards_dir(self.root) / shard_name(k), self.hidden_dtype)
+                       for k in self.shard_ids}
         self.refs: list[SampleRef] = []
         for k in self.shard_ids:
             sh = self.shards[k]
@@ -449,7 +523,7 @@ class CacheReader:
 
 
 def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, topk: Optional[int] = None,
-                 vocab_size: Optional[int] = None) -> list[str]:
+                 vocab_size: Optional[int] = None, hidden_dtype: str = "bfloat16") -> list[str]:
     """Re-read every array of a committed shard; return its problems ('array: what'), [] when sound.
 
     Checks the shard.json schema, each array's dtype and shape against the counts in
@@ -471,10 +545,10 @@ def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, t
     K = topk if topk is not None else info.get("topk")
     expect = {"input_ids": (T,), "loss_mask": (T,), "hidden": (T, 3, H), "topk_ids": (T, K),
               "topk_logprobs": (T, K), "offsets": (None if N is None else N + 1,), "sample_index": (N,),
-              "token_counts": (vocab_size,)}
+              "token_counts": (vocab_size,), "hidden_scale": (T, 3)}
     sums = info.get("checksums", {})
     data: dict[str, np.ndarray] = {}
-    for name, (stored, _logical) in ARRAYS.items():
+    for name, (stored, _logical) in layout(hidden_dtype).items():
         try:
             arr = zarr.open_array(str(p / name), mode="r")
         except Exception as e:  # noqa: BLE001 - zarr raises many types for broken metadata

@@ -110,6 +110,9 @@ class ExtractConfig(_Section):
     compressor: Literal["none", "zstd", "blosc-zstd", "lz4"] = "zstd"
     chunk_rows: int = Field(2048, gt=0)
     writer_queue: int = Field(4, gt=0, description="batches queued for the writer thread before compute waits")
+    writer_threads: int = Field(0, ge=0, description="threads compressing a shard's chunks (0 = up to 4 cores)")
+    hidden_dtype: Literal["bf16", "fp8"] = Field(
+        "bf16", description="stored hidden states: bf16, or fp8 (e4m3 + one fp16 scale per token per layer)")
 
 
 class TrainConfig(_Section):
@@ -134,7 +137,11 @@ class TrainConfig(_Section):
     save_every: int = Field(200, gt=0)
     eval_every: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: decode threads in this process)")
+    loader_threads: int = Field(2, ge=1, description="threads decoding chunks ahead of the step (stage2_train.loader)")
+    shuffle_buffer: int = Field(64, ge=1, description="samples in the shuffle buffer (stage2_train.sampler); host "
+                                "memory ~ (shuffle_buffer + 32 x micro_batch_size) x mean sample rows x row bytes")
+    open_shards: int = Field(4, ge=1, description="shards read at once, interleaved at random (stage2_train.sampler)")
     seed: int = 0
     report_to: Literal["none", "wandb"] = "none"
     wandb_project: str = "eagle3"

@@ -36,10 +36,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from schemas.cache import (
-    CACHE_JSON, EMBED_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards, file_sha256,
-    read_cache_json,
+    CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards,
+    file_sha256, read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
+from schemas.fp8 import quantize_packed
 from stage1_extract.capture import CaptureError, LayerCapture, compare_with_hidden_states
 from stage1_extract.workers import Worker, resolve_worker
 from stage1_extract.writer import BatchResult, ShardPlan, ShardWriter
@@ -382,7 +383,8 @@ def cache_identity(cfg: RunConfig, model, tok, hf_dir: Path, layers: list[int], 
         "data": {"sources": data_fingerprint(paths), "num_samples": int(num_samples)},
         "samples_per_shard": int(S),
         "num_shards": int(math.ceil(num_samples / S)) if num_samples else 0,
-        "hidden_dtype": "bfloat16",
+        "hidden_dtype": HIDDEN_DTYPES[cfg.extract.hidden_dtype],
+        **({"hidden_scale": "float16 per token per layer (schemas.fp8)"} if cfg.extract.hidden_dtype == "fp8" else {}),
         "codec": {"compressor": cfg.extract.compressor, "chunk_rows": cfg.extract.chunk_rows},
     }
 
@@ -405,6 +407,7 @@ IDENTITY_KEYS = {
     "data.sources": "data (sources / sha256)",
     "data.num_samples": "data (number of samples)",
     "samples_per_shard": "samples per shard (extract.samples_per_shard)",
+    "hidden_dtype": "hidden dtype (extract.hidden_dtype)",
 }
 
 
@@ -611,6 +614,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     ext = Extractor(model, layers, K, cfg.extract.logits_chunk_tokens)
     writer = ShardWriter(root, hidden_size=H, topk=K, vocab_size=V, compressor=cfg.extract.compressor,
                          chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
+                         hidden_dtype=cfg.extract.hidden_dtype, threads=cfg.extract.writer_threads,
                          shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
                                                 "hidden_size": H, "topk": K, "layers": layers})
     writer.claim_worker(w.rank, w.world)  # a second process with this worker id stops here
@@ -638,6 +642,8 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
                 tc = time.perf_counter()
                 ids, mask = pad_batch([plan.input_ids[j] for j in batch], pad_id)
                 hidden, tids, tlps = ext(ids, mask)
+                if cfg.extract.hidden_dtype == "fp8":  # on the device: half the bytes to copy and store
+                    hidden = quantize_packed(hidden)
                 ready = None
                 if cuda:  # start the copy to the host; the writer waits on the event, not the compute loop
                     (hidden, tids, tlps), ready = start_host_copy((hidden, tids, tlps), ext.device)

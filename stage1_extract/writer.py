@@ -2,8 +2,9 @@
 
 The compute loop hands over trimmed per-batch results (`put_batch`); a writer thread
 copies them into the shard's buffers (rows in sample order, whatever the batch
-order) and, once a shard is complete, a flush thread compresses and writes it with
-`schemas.cache.write_shard` (temp dir, shard.json last, atomic rename). The queue
+order) and, once a shard is complete, a flush thread writes it with `schemas.cache.write_shard`
+(temp dir, shard.json last, atomic rename), its inner chunks compressed and
+checksummed by `threads` threads in parallel (numcodecs releases the GIL). The queue
 between compute and the writer is bounded (`extract.writer_queue` batches), and at
 most one shard is flushing while the next one fills, so host memory stays bounded
 and the target only waits when the disk is the bottleneck.
@@ -21,11 +22,18 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from schemas.cache import ARRAYS, shards_dir, write_shard
+from schemas.cache import layout, shards_dir, write_shard
 
 
 class WriterError(RuntimeError):
     pass
+
+
+def default_writer_threads(n: int = 0) -> int:
+    """extract.writer_threads; 0 = up to 4 cores (one H100's MiniCPM4-8B output needs ~2, bench_extract)."""
+    import os
+
+    return int(n) if n and n > 0 else max(1, min(4, (os.cpu_count() or 1)))
 
 
 @dataclass
@@ -53,17 +61,19 @@ class BatchResult:
 
     shard: int
     local: list[int]
-    hidden: Any  # torch bf16 [rows, 3, H] (CPU, maybe still being copied)
+    hidden: Any  # torch bf16 [rows, 3, H], or fp8: uint8 [rows, 3, H + 2] (e4m3 bits + fp16 scale bytes)
     topk_ids: Any  # torch int32 [rows, K]
     topk_logprobs: Any  # torch float16 [rows, K]
     ready: Optional[Any] = None  # a CUDA event to wait on before reading (non-blocking D2H)
 
 
 class _Assembly:
-    def __init__(self, plan: ShardPlan, hidden_size: int, topk: int, vocab_size: int):
+    def __init__(self, plan: ShardPlan, hidden_size: int, topk: int, vocab_size: int, fp8: bool = False):
         self.plan = plan
         T = plan.num_tokens
-        self.hidden = np.empty((T, 3, hidden_size), dtype=np.uint16)
+        self.fp8 = fp8
+        self.hidden = np.empty((T, 3, hidden_size), dtype=np.uint8 if fp8 else np.uint16)
+        self.hidden_scale = np.empty((T, 3), dtype=np.float16) if fp8 else None
         self.topk_ids = np.empty((T, topk), dtype=np.int32)
         self.topk_logprobs = np.empty((T, topk), dtype=np.float16)
         self.done = np.zeros(len(plan.sample_index), dtype=bool)
@@ -74,7 +84,12 @@ class _Assembly:
 
         if b.ready is not None:
             b.ready.synchronize()
-        hid = bf16_to_bits(b.hidden)
+        if self.fp8:  # packed rows: e4m3 bits then the fp16 scale's two bytes (schemas.fp8.pack)
+            packed = b.hidden.numpy()
+            hid = packed[..., :-2]
+            scale = np.ascontiguousarray(packed[..., -2:]).view(np.float16)[..., 0]
+        else:
+            hid = bf16_to_bits(b.hidden)
         ids = b.topk_ids.numpy()
         lps = b.topk_logprobs.numpy()
         o = self.plan.offsets
@@ -83,6 +98,8 @@ class _Assembly:
             s, e = int(o[j]), int(o[j + 1])
             n = e - s
             self.hidden[s:e] = hid[row:row + n]
+            if self.fp8:
+                self.hidden_scale[s:e] = scale[row:row + n]
             self.topk_ids[s:e] = ids[row:row + n]
             self.topk_logprobs[s:e] = lps[row:row + n]
             self.done[j] = True
@@ -104,7 +121,9 @@ class _Assembly:
         out = {"input_ids": input_ids, "loss_mask": loss_mask, "hidden": self.hidden,
                "topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs,
                "offsets": p.offsets, "sample_index": p.sample_index.astype(np.int64), "token_counts": counts}
-        assert set(out) == set(ARRAYS)
+        if self.fp8:
+            out["hidden_scale"] = self.hidden_scale
+        assert set(out) == set(layout("fp8" if self.fp8 else "bf16"))
         return out
 
 
@@ -114,10 +133,14 @@ class ShardWriter:
     def __init__(self, cache_root: str | Path, *, hidden_size: int, topk: int, vocab_size: int,
                  compressor: str = "zstd", chunk_rows: int = 2048, queue_size: int = 4,
                  shard_extra: Optional[Callable[[ShardPlan], dict]] = None,
-                 on_commit: Optional[Callable[[dict], None]] = None):
+                 on_commit: Optional[Callable[[dict], None]] = None, hidden_dtype: str = "bf16",
+                 threads: int = 0):
         self.root = Path(cache_root)
         self.hidden_size, self.topk, self.vocab_size = hidden_size, topk, vocab_size
         self.compressor, self.chunk_rows = compressor, chunk_rows
+        self.fp8 = hidden_dtype in ("fp8", "float8_e4m3fn")
+        self.threads = default_writer_threads(threads)
+        self.raw_bytes = 0  # bytes of arrays handed to write_shard (for MB/s figures)
         self.shard_extra = shard_extra or (lambda plan: {})
         self.on_commit = on_commit
         self.q: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -217,7 +240,8 @@ class ShardWriter:
             try:
                 kind, payload = item
                 if kind == "begin":
-                    self._asm[payload.shard] = _Assembly(payload, self.hidden_size, self.topk, self.vocab_size)
+                    self._asm[payload.shard] = _Assembly(payload, self.hidden_size, self.topk, self.vocab_size,
+                                                         self.fp8)
                 elif kind == "batch":
                     self._asm[payload.shard].fill(payload)
                 elif kind == "end":
@@ -246,7 +270,8 @@ class ShardWriter:
         remove_dead_temp_dirs(self.root, plan.shard)
         try:
             info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
-                               chunk_rows=self.chunk_rows, extra=self.shard_extra(plan))
+                               chunk_rows=self.chunk_rows, extra=self.shard_extra(plan),
+                               hidden_dtype="float8_e4m3fn" if self.fp8 else "bfloat16", threads=self.threads)
         except ShardCommitted as e:  # another worker layout wrote the same (deterministic) shard first
             print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
             return {}
@@ -257,6 +282,7 @@ class ShardWriter:
                                 f"files are removed; committed shards are intact)") from e
             raise
         self.flush_s += time.perf_counter() - t0
+        self.raw_bytes += int(info["raw_bytes"])
         self.committed.append(info)
         if self.on_commit is not None:
             self.on_commit(info)

@@ -5,12 +5,15 @@
 * `make_batches`: per epoch, a seeded shuffle; samples are sorted by length inside
   windows of a few dozen batches (length bucketing, little padding) and packed into
   micro-batches of at most `micro_batch_size` samples and `max_tokens` padded rows;
-  the batch order is shuffled again. Deterministic in (seed, epoch).
+  the batch order is shuffled again. Deterministic in (seed, epoch). Used for
+  evaluation; training uses the chunk-aware order of `stage2_train.sampler` (same
+  packing, but samples read shard by shard through a shuffle buffer).
 * `rank_schedule`: which micro-batches this rank runs for each optimizer step: step s,
   accumulation g, rank r takes global micro-batch s*W*G + g*W + r, so one process with
   G accumulation steps and W processes with G/W see the same global batch.
-* `BatchDataset`: one item = one padded micro-batch; reads only the rows of its
-  samples from the cache, rebuilds the teacher; runs in DataLoader workers.
+* `make_train_loader`: the chunk loader (`stage2_train.loader`, decode threads, each
+  chunk decoded once) or, with `train.num_workers` > 0, `BatchDataset` in DataLoader
+  worker processes (one item = one padded micro-batch read sample by sample).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from schemas.cache import CacheReader, bits_to_bf16
+from schemas.cache import CacheReader
 from stage2_train.teacher import build_teacher
 
 SPLIT_SALT = 0x5EED
@@ -103,18 +106,23 @@ def cropped_lengths(reader: CacheReader, max_length: Optional[int]) -> np.ndarra
 
 
 def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Optional[int] = None,
-            sample_ids: Optional[Sequence[int]] = None) -> dict:
-    """Right-pad samples into [B, L] tensors and rebuild the teacher (restricted to the draft vocab)."""
+            sample_ids: Optional[Sequence[int]] = None, hidden: Optional[np.ndarray] = None) -> dict:
+    """Right-pad samples into [B, L] tensors and rebuild the teacher (restricted to the draft vocab).
+
+    `hidden`: the batch's bf16 bits [B, L, 3H], already filled and zero-padded (the chunk
+    loader writes rows straight into it); then the samples need no 'hidden'.
+    """
     if max_length:
         samples = [{k: v[:max_length] for k, v in s.items()} for s in samples]
     B = len(samples)
     L = max(len(s["input_ids"]) for s in samples)
-    H3 = int(np.prod(samples[0]["hidden"].shape[1:]))
     K = samples[0]["topk_ids"].shape[1]
     input_ids = np.zeros((B, L), dtype=np.int64)
     loss_mask = np.zeros((B, L), dtype=bool)
     valid = np.zeros((B, L), dtype=bool)
-    hidden = np.zeros((B, L, H3), dtype=np.uint16)
+    filled = hidden is not None
+    if not filled:
+        hidden = np.zeros((B, L, int(np.prod(samples[0]["hidden"].shape[1:]))), dtype=np.uint16)
     t_idx = np.zeros((B, L, K), dtype=np.int64)
     t_prob = np.zeros((B, L, K), dtype=np.float32)
     t_top1 = np.full((B, L), -1, dtype=np.int64)
@@ -123,14 +131,15 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
         input_ids[b, :n] = s["input_ids"]
         loss_mask[b, :n] = s["loss_mask"].astype(bool)
         valid[b, :n] = True
-        hidden[b, :n] = s["hidden"].reshape(n, H3)
+        if not filled:
+            hidden[b, :n] = s["hidden"].reshape(n, hidden.shape[2])
         t_idx[b, :n], t_prob[b, :n], t_top1[b, :n] = build_teacher(s["topk_ids"], s["topk_logprobs"],
                                                                    target_to_draft)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "loss_mask": torch.from_numpy(loss_mask),
         "valid": torch.from_numpy(valid),
-        "hidden": bits_to_bf16(hidden),
+        "hidden": torch.from_numpy(hidden.view(np.int16)).view(torch.bfloat16),  # fresh buffer: no copy
         "t_idx": torch.from_numpy(t_idx),
         "t_prob": torch.from_numpy(t_prob),
         "t_top1": torch.from_numpy(t_top1),
@@ -149,3 +158,14 @@ def make_loader(dataset: BatchDataset, num_workers: int) -> torch.utils.data.Dat
         kw = {"num_workers": num_workers, "prefetch_factor": 4, "persistent_workers": False}
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
                                        pin_memory=torch.cuda.is_available(), **kw)
+
+
+def make_train_loader(reader: CacheReader, arrivals: np.ndarray, batches: list[list[int]],
+                      target_to_draft: np.ndarray, max_length: Optional[int], *, num_workers: int = 0,
+                      threads: int = 2, prefetch: int = 4):
+    """This rank's micro-batches, collated, in order (see the module docstring)."""
+    if num_workers > 0:
+        return make_loader(BatchDataset(reader, batches, target_to_draft, max_length), num_workers)
+    from stage2_train.loader import CacheLoader
+
+    return CacheLoader(reader, arrivals, batches, target_to_draft, max_length, threads=threads, prefetch=prefetch)

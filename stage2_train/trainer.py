@@ -32,12 +32,13 @@ import torch
 from schemas.cache import CacheError, CacheReader
 from schemas.config import ConfigError, RunConfig, dump_config
 from schemas.head import make_head_config
-from stage2_train.data import (BatchDataset, cropped_lengths, make_batches, make_loader, rank_schedule,
-                               split_indices, steps_per_epoch, to_device)
+from stage2_train.data import (cropped_lengths, make_train_loader, rank_schedule, split_indices, steps_per_epoch,
+                               to_device)
 from stage2_train.evaluate import cache_id, check_head_vs_cache, evaluate_model, metrics_table
 from stage2_train.export import write_head
 from stage2_train.losses import ttt_forward
 from stage2_train.model import Eagle3Draft
+from stage2_train.sampler import EpochOrder, chunk_aware_order
 from stage2_train.vocab import build_draft_vocab
 
 CKPT_DIR = "checkpoints"
@@ -189,10 +190,19 @@ class Plan:
         if s["topk_ids"].shape[1] != r.topk:
             raise CacheError(f"{r.root}: shard top-k is {s['topk_ids'].shape[1]}, cache.json says {r.topk}")
 
+    def order(self, epoch: int) -> EpochOrder:
+        """The epoch's chunk-aware order (stage2_train.sampler); the last one asked for is kept."""
+        if getattr(self, "_order", (None, None))[0] != epoch:
+            tc = self.cfg.train
+            shard_of = np.array([ref.shard for ref in self.reader.refs], dtype=np.int64)
+            self._order = (epoch, chunk_aware_order(
+                shard_of, self.lengths, self.train_idx, micro_batch_size=tc.micro_batch_size,
+                max_tokens=tc.max_tokens_per_batch, seed=tc.seed, epoch=epoch, shuffle_buffer=tc.shuffle_buffer,
+                open_shards=tc.open_shards))
+        return self._order[1]
+
     def batches(self, epoch: int) -> list[list[int]]:
-        tc = self.cfg.train
-        return make_batches(self.lengths, self.train_idx, micro_batch_size=tc.micro_batch_size,
-                            max_tokens=tc.max_tokens_per_batch, seed=tc.seed, epoch=epoch)
+        return self.order(epoch).batches
 
     def spe(self, epoch: int) -> int:
         while len(self._spe) <= epoch:
@@ -451,9 +461,10 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     t_last = time.perf_counter()
     while step < plan.total_steps:
         epoch, in_epoch = plan.locate(step)
-        sched_b = rank_schedule(plan.batches(epoch), rank=rank, world_size=world, grad_accum=G, start_step=in_epoch)
-        loader = make_loader(BatchDataset(plan.reader, sched_b, plan.vocab.target_to_draft(), plan.max_length),
-                             tc.num_workers)
+        order = plan.order(epoch)
+        sched_b = rank_schedule(order.batches, rank=rank, world_size=world, grad_accum=G, start_step=in_epoch)
+        loader = make_train_loader(plan.reader, order.arrivals, sched_b, plan.vocab.target_to_draft(),
+                                   plan.max_length, num_workers=tc.num_workers, threads=tc.loader_threads)
         it = iter(loader)
         for s in range(in_epoch, plan.spe(epoch)):
             if step >= plan.total_steps:
