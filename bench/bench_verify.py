@@ -57,8 +57,13 @@ def cpu_features() -> dict:
     except OSError:
         pass
     want = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
+    probe = {}
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # torch's own (private) probes
+        fn = getattr(torch.cpu, name, None)
+        probe["torch.cpu." + name] = fn() if fn else None
     return {"torch_capability": torch.backends.cpu.get_cpu_capability(),
-            **{f: f in flags for f in want},
+            **{f: f in flags for f in want}, **probe,
+            "mkldnn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
             "bf16_fast": "avx512_bf16" in flags or "amx_bf16" in flags}
 
 

@@ -227,6 +227,7 @@ class Driver:
     def __init__(self, run: Path, engine: str, threads: int, dry_run: bool):
         self.run, self.engine, self.threads, self.dry = run, engine, threads, dry_run
         self.log = run / "quality.log"
+        self.calls: list[dict] = []
 
     def overrides(self) -> list[str]:
         return ["data.regenerate.engine=vllm"] if self.engine == "vllm" else []
@@ -238,16 +239,30 @@ class Driver:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
         print("$ " + " ".join(cmd), flush=True)
-        with self.log.open("a") as f:
-            f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%H:%M:%S')}\n")
         if self.dry:
             return
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=ROOT, env=env)
         with self.log.open("a") as f:
-            f.write(f"# rc {r.returncode} after {time.perf_counter() - t0:.1f} s\n")
+            f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%H:%M:%S')}\n")
+        t0, c0 = time.perf_counter(), _children_cpu()
+        r = subprocess.run(cmd, cwd=ROOT, env=env)
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+        what = " ".join(a for a in args if not a.startswith("-") and "/" not in a and "=" not in a)
+        self.calls.append({"command": what, "config": Path(args[1]).stem, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                           "load1": round(os.getloadavg()[0], 1)})
+        with self.log.open("a") as f:
+            f.write(f"# rc {r.returncode} after {wall:.1f} s wall, {cpu:.1f} s CPU (user+sys), "
+                    f"load {os.getloadavg()[0]:.1f}\n")
         if r.returncode != 0:
             raise SystemExit(f"quality: `{' '.join(args[:2])}` failed (rc {r.returncode}); see the output above")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + sys) of finished child processes: on a shared machine the wall time
+    of a stage says little, its CPU time says what it costs on quiet cores."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def best_point(run: Path, sz: Sizes) -> tuple[dict, dict]:
@@ -284,6 +299,30 @@ def quality_table(reports: dict[str, dict], sweep: dict, point: dict, head: Path
                 + f" | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | {_f(m['spec_tokens_per_s'], '{:.1f}')} | "
                   f"{_f(m['speedup'], '{:.2f}×')} | {ll} |")
     lines += ["", "sweep (held-out simulated τ, one cache):", "", sweep.get("markdown", "").strip()]
+    return "\n".join(lines) + "\n"
+
+
+def rates(run: Path, sz: Sizes, calls: list[dict]) -> str:
+    """tokens/s of this invocation's stages, per wall second and per CPU second (approximate token
+    counts: answers = the cache's loss tokens; training = cache tokens x epochs x heads)."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.run import cache_summary
+
+    c = cache_summary(run / "cache") or {}
+    tok, ans = c.get("tokens") or 0, c.get("loss_tokens") or 0
+    work = {"run regenerate": ans, "run extract": tok, "sweep": tok * sz.sweep_epochs * grid_size(sz),
+            "run final": tok * sz.final_epochs}
+    lines = [f"cache: {c.get('samples')} samples, {tok:,} tokens ({ans:,} answer tokens)", "",
+             "| call | tokens (approx.) | wall s | CPU s | load | tok/s wall | tok/s per CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for cl in calls:
+        key = "run final" if cl["command"].startswith("run") and "final" in cl.get("config", "") else cl["command"]
+        n = next((v for k, v in work.items() if key.startswith(k)), None)
+        if cl["command"].startswith("eval") or cl["wall_s"] < 1 or n is None:
+            lines.append(f"| {cl['command']} | – | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | – | – |")
+            continue
+        lines.append(f"| {key} | {n:,} | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | "
+                     f"{n / cl['wall_s']:,.0f} | {n / max(cl['cpu_s'], 1e-9):,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +374,9 @@ def main(argv=None) -> int:
     d = Driver(run, a.engine, a.threads, a.dry_run)
     t0 = time.perf_counter()
 
-    # 1. regenerate + extract (one cache) and the sweep from it
+    # 1. regenerate, extract (one cache; separate calls so each has its own CPU time), the sweep
+    d.cli("run", str(sweep_cfg), "--stages", "regenerate", "--no-progress")
+    d.cli("run", str(sweep_cfg), "--stages", "extract", "--no-progress")
     d.cli("sweep", str(sweep_cfg), "--no-progress")
     if a.dry_run:
         print("\n(dry run: the final training and the evaluations follow the sweep's best point)")
@@ -356,11 +397,13 @@ def main(argv=None) -> int:
         d.cli("eval", str(final_cfg), f"eval.prompts=[{run / f}]", f"eval.output={out}",
               f"eval.offline={str(offline).lower()}", "--threads", str(a.threads))
         reports[set_name] = json.loads((out / "report.json").read_text())
-    md = quality_table(reports, sweep, point, run / "head")
+    md = quality_table(reports, sweep, point, run / "head") + "\n" + rates(run, sz, d.calls)
     times = stage_times(run)
     text = (f"# quality ({'quick' if a.quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M')}, "
             f"load {os.getloadavg()[0]:.1f}, this invocation {time.perf_counter() - t0:.0f} s\n\n{md}\n"
-            "stage markers (seconds when each stage last ran):\n\n```\n" + "\n".join(times) + "\n```\n")
+            "stage markers (wall seconds when each stage last ran):\n\n```\n" + "\n".join(times) + "\n```\n\n"
+            "this invocation's CLI calls (wall vs CPU seconds; CPU / threads ~ wall on quiet cores):\n\n```\n"
+            + "\n".join(json.dumps(c) for c in d.calls) + "\n```\n")
     (run / "quality.md").write_text(text)
     print("\n" + text, flush=True)
     print(f"written: {run / 'quality.md'}")
