@@ -190,7 +190,8 @@ class OwnLlama:
     def _rms(self, x, w):
         import torch
 
-        return (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)) * w
+        h = x.float()  # as HF's LlamaRMSNorm: normalise in fp32, scale in the model dtype
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def forward(self, ids, pos, tree_mask, want_aux):
         import torch
@@ -335,6 +336,81 @@ def profile(bench: Bench, T: int = 4, n: int = 10) -> str:
     return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
+def _cpu_ms(fn, n: int = 50) -> float:
+    """Median thread CPU time of fn() in ms (thread time: the machine is shared)."""
+    ts = []
+    for _ in range(n):
+        t0 = time.thread_time()
+        fn()
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def components(bench: Bench, T: int = 4) -> list[str]:
+    """The non-matmul pieces of one T-token pass, each timed on its own (1 thread, CPU ms)."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    m = bench.model
+    dt = next(m.parameters()).dtype
+    cfg = m.config
+    L = cfg.num_hidden_layers
+    ids = bench.new[T]
+    pos = (PREFIX + torch.arange(T)).view(1, T)
+    emb = m.model.embed_tokens(ids.view(1, T))
+    kv = [(torch.randn(1, cfg.num_key_value_heads, PREFIX, cfg.head_dim, dtype=dt),) * 2 for _ in range(L)]
+    new = torch.randn(1, cfg.num_key_value_heads, T, cfg.head_dim, dtype=dt)
+    logits = torch.randn(T, cfg.vocab_size, dtype=dt)
+    hs = [torch.randn(1, T, cfg.hidden_size, dtype=dt) for _ in range(L + 1)]
+    tm, _ = tree_mask_17()
+    tm = tm[:T, :T]
+    x = torch.randn(1, T, cfg.hidden_size, dtype=dt)
+    q = torch.randn(1, cfg.num_attention_heads, T, cfg.head_dim, dtype=dt)
+    k_full = torch.randn(1, cfg.num_key_value_heads, PREFIX + T, cfg.head_dim, dtype=dt)
+    bool_mask = torch.ones(T, PREFIX + T, dtype=torch.bool)
+    w = m.model.layers[0].mlp.down_proj.weight
+    h_mlp = torch.randn(1, T, cfg.intermediate_size, dtype=dt)
+
+    def tree_mask_build():
+        full = torch.zeros(1, 1, T, PREFIX + T, dtype=dt)
+        full[0, 0, :, PREFIX:].masked_fill_(~tm, torch.finfo(dt).min)
+
+    cache = bench.runner.new_cache()
+    bench.runner.forward(cache, bench.ids, torch.arange(PREFIX), want_logits=False, want_aux=False)
+    rows = [
+        ("HF create_causal_mask (chain, once per pass)",
+         lambda: create_causal_mask(config=cfg, inputs_embeds=emb, attention_mask=None, cache=cache,
+                                    position_ids=pos), 1),
+        ("runner tree-mask build (additive float [1,1,T,S+T], once)", tree_mask_build, 1),
+        ("rotary cos/sin (once per pass)", lambda: m.model.rotary_emb(emb, pos), 1),
+        ("DynamicCache torch.cat K+V (x L layers)", lambda: [torch.cat((a, new), -2) for a, b in kv for _ in (0, 1)], 1),
+        ("logits[T, V].float() copy (once)", lambda: logits.float(), 1),
+        ("aux torch.cat of 3 hidden states (once)", lambda: torch.cat([hs[i][0] for i in bench.lids], -1), 1),
+        ("RMSNorm, HF module (x 2L+1)", lambda: m.model.layers[0].input_layernorm(x), 2 * L + 1),
+        ("apply_rotary_pos_emb q,k (x L)", lambda: _rope(q, new, m, emb, pos), L),
+        ("sdpa attention over S+T, GQA (x L)",
+         lambda: torch.nn.functional.scaled_dot_product_attention(q, k_full, k_full, attn_mask=bool_mask,
+                                                                  enable_gqa=True), L),
+        ("one decoder layer, HF module call (x L)",
+         lambda: m.model.layers[5](x, attention_mask=None, position_ids=pos, cache=None,
+                                   position_embeddings=m.model.rotary_emb(x, pos)), L),
+        ("  of which down_proj matmul alone (x L)", lambda: torch.nn.functional.linear(h_mlp, w), L),
+    ]
+    out = [f"components of one T={T} pass, {dt}, 1 thread, median thread-CPU ms (x = calls per pass):",
+           "| piece | ms per call | calls per pass | ms per pass |", "|---|---:|---:|---:|"]
+    for name, fn, per in rows:
+        ms = _cpu_ms(fn)
+        out.append(f"| {name} | {ms:.3f} | {per} | {ms * per:.2f} |")
+    return out
+
+
+def _rope(q, k, m, emb, pos):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = m.model.rotary_emb(emb, pos)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -343,6 +419,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--components", action="store_true", help="time the non-matmul pieces of a 4-token pass")
     a = ap.parse_args(argv)
     feats = cpu_features()
     print("CPU:", feats)
@@ -353,6 +430,9 @@ def main(argv=None) -> int:
         b = Bench(model, tok)
         print(f"[{dt}] correctness vs runner:")
         print("\n".join(b.check()))
+        if a.components:
+            torch.set_num_threads(1)
+            print("\n".join(components(b, 4)), flush=True)
         if a.profile:
             torch.set_num_threads(1)
             print(f"[{dt}] profile of runner T=4, 1 thread:\n{profile(b)}")
