@@ -29,17 +29,17 @@ would take ~4 h.
 
 What it takes to reach the goals:
 * **held-out acc_0 >= 0.55.** The demo head (10 k tokens, 3 epochs) has acc_0 0.23; the quick
-  run's 1-epoch head ~0.1. EAGLE-3 heads reach acc_0 0.6-0.8 with 10^7+ tokens of self-distilled
-  data. Here ~0.5 M tokens x 3 epochs is the most the ~2 h budget allows; whether it reaches 0.55
+  run's 1-epoch head ~0.1. Published EAGLE-3 heads train on hundreds of thousands of
+  conversations (~10^8 tokens); here ~0.5 M tokens x 3 epochs is the most the ~2 h budget allows; whether it reaches 0.55
   is what the full run measures. The levers, in order: more self-generated tokens (vLLM
   regeneration, `--engine vllm`, cuts that stage ~3x), faster training (bf16 autocast of the
-  head, the TTT step's throughput: other branches), a smaller draft vocab (8 k covers >99% of
-  SmolLM2's answer tokens) and the lr from the sweep.
+  head, the TTT step's throughput: other branches), a small draft vocab (8 k covered 100% of the quick
+  cache's answer tokens; the sweep tries 8 k and 16 k) and the lr from the sweep.
 * **real τ, chain k=3 >= 2.0.** τ = 1 + a1 + a1·a2 + a1·a2·a3 with a_d the acceptance at depth d
   given depth d-1 was accepted: a1 = 0.55 with a2 = a3 = 0.6 gives 2.08, so acc_0 ~0.55 *and*
   conditional acceptance >= 0.6 deeper (TTT 7 trains exactly that). **tree >= 2.3**: a top-4,
-  depth-5, 16-node tree recovers most first-token misses when the top-4 of the head holds the
-  target's token (~0.8 when top-1 is 0.55).
+  depth-5, 16-node tree recovers first-token misses whenever the head's top-4 holds the target's
+  token, so it needs the same head with a flatter top-k (not measured yet).
 * **speed-up >= 1.2x on CPU.** speed-up ≈ τ · t1 / (t_verify + k · t_draft + t_host). Measured
   t_verify/t1: fp32 1.48 (k=3), 2.40 (tree, 17 tokens): a chain needs τ >= 1.2 · (1.48 + 3 · 0.07)
   ≈ 2.0 in fp32 (t_draft ~0.07 t1: one decoder layer plus an 8 k-vocab head). In bf16 the
