@@ -299,17 +299,30 @@ class Driver:
             return
         with self.log.open("a") as f:
             f.write(f"\n$ {' '.join(cmd)}   # {time.strftime('%H:%M:%S')}\n")
-        t0, c0 = time.perf_counter(), _children_cpu()
+        t0, c0, started = time.perf_counter(), _children_cpu(), time.strftime("%Y-%m-%dT%H:%M:%S")
         r = subprocess.run(cmd, cwd=ROOT, env=env)
         wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
-        what = " ".join(a for a in args if not a.startswith("-") and "/" not in a and "=" not in a)
-        self.calls.append({"command": what, "config": Path(args[1]).stem, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+        what = " ".join(a for a in args[:4] if not a.startswith("-") and "/" not in a and "=" not in a)
+        if args[0] == "eval":
+            what = "eval " + next(a.split("/")[-1] for a in args if a.startswith("eval.output="))
+        self.calls.append({"command": what, "config": Path(args[1]).stem, "started": started,
+                           "ran": self._stages_finished_since(started), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                            "load1": round(os.getloadavg()[0], 1)})
         with self.log.open("a") as f:
             f.write(f"# rc {r.returncode} after {wall:.1f} s wall, {cpu:.1f} s CPU (user+sys), "
                     f"load {os.getloadavg()[0]:.1f}\n")
         if r.returncode != 0:
             raise SystemExit(f"quality: `{' '.join(args[:2])}` failed (rc {r.returncode}); see the output above")
+
+
+    def _stages_finished_since(self, started: str) -> list[str]:
+        """Stages whose pipeline marker was written during the call (the others were skipped as done)."""
+        out = []
+        for p in sorted((self.run / ".pipeline").glob("*.json")):
+            m = json.loads(p.read_text())
+            if m.get("finished_at", "") >= started:
+                out.append(m["stage"])
+        return out
 
 
 def _children_cpu() -> float:
@@ -323,6 +336,7 @@ def _children_cpu() -> float:
 
 def best_point(run: Path, sz: Sizes) -> tuple[dict, dict]:
     table = json.loads((run / "sweep" / "sweep.json").read_text())
+    table["markdown"] = (run / "sweep" / "sweep.md").read_text()
     best = next(r for r in table["rows"] if r.get("best"))
     return {k: best[k] for k in sz.sweep_grid}, table
 
@@ -354,7 +368,7 @@ def quality_table(reports: dict[str, dict], sweep: dict, point: dict, head: Path
                 + " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
                 + f" | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | {_f(m['spec_tokens_per_s'], '{:.1f}')} | "
                   f"{_f(m['speedup'], '{:.2f}×')} | {ll} |")
-    lines += ["", "sweep (held-out simulated τ, one cache):", "", sweep.get("markdown", "").strip()]
+    lines += ["", sweep.get("markdown", "").strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -376,8 +390,9 @@ def rates(run: Path, sz: Sizes, calls: list[dict]) -> str:
     for cl in calls:
         key = "run final" if cl["command"].startswith("run") and "final" in cl.get("config", "") else cl["command"]
         n = next((v for k, v in work.items() if key.startswith(k)), None)
-        if cl["command"].startswith("eval") or cl["wall_s"] < 1 or n is None:
-            lines.append(f"| {cl['command']} | – | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | – | – |")
+        if cl["command"].startswith("eval") or n is None or not cl.get("ran"):
+            note = "" if cl["command"].startswith("eval") or cl.get("ran") else " (skipped: done before)"
+            lines.append(f"| {cl['command']}{note} | – | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | – | – |")
             continue
         lines.append(f"| {key} | {n:,} | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | "
                      f"{n / cl['wall_s']:,.0f} | {n / max(cl['cpu_s'], 1e-9):,.0f} |")
