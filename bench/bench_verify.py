@@ -22,8 +22,28 @@ so the load of a shared machine hits every variant alike):
 The 'own' and 'hooks' outputs are checked against 'runner' (max |logit diff|, argmax equality,
 aux diff) before timing.
 
---profile prints torch.profiler's op table of the runner's 4-token call (where the
-non-arithmetic time goes).
+--profile prints torch.profiler's op table of the runner's 4-token call; --components times
+the non-matmul pieces of a 4-token pass one by one (mask, rotary, cache cat, float copy, ...).
+
+Measured 2026-11-29 (AMD EPYC, 2 cores, AVX512-BF16, no AMX; load average 11.6-13.5 from other
+sessions, so process CPU ms, 1 thread, medians of 9; `--reps 9 --threads 1`):
+
+| dtype | variant | T=1 | T=4 | T=17 | 4/1 | 17/1 |
+|---|---|---:|---:|---:|---:|---:|
+| fp32 | runner | 57.6 | 85.3 | 138.2 | 1.48 | 2.40 |
+| fp32 | hooks | 56.2 | 85.6 | 133.7 | 1.52 | 2.38 |
+| fp32 | own | 45.2 | 72.8 | 128.0 | 1.61 | 2.83 |
+| bf16 | runner | 40.6 | 40.4 | 65.2 | 0.99 | 1.61 |
+| bf16 | hooks | 45.7 | 40.3 | 64.3 | 0.88 | 1.41 |
+| bf16 | own | 38.1 | 36.0 | 53.8 | 0.94 | 1.41 |
+
+The fp32 ratio is arithmetic: fp32 matmuls with 4 rows cost ~1.55x one row (oneDNN/MKL take a
+GEMV path for one row), bf16 ones (AVX512-BF16) cost the same for 1 and 4 rows and half of
+fp32's. The non-matmul pieces of a 4-token fp32 pass add up to ~5 ms of 85 (mask 0.03,
+rotary 0.02, DynamicCache cat 0.7, logits float copy ~0, aux cat ~0, RMSNorm 0.9,
+apply_rotary 1.1, sdpa 1.8); HF module overhead and the unfused projections ~10 ms more
+(runner vs own). With 2 threads on the loaded machine every figure was 5-50x worse (OpenMP
+threads wait for each other when one is descheduled): no 2-thread figures are given.
 """
 from __future__ import annotations
 
