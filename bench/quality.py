@@ -1,6 +1,16 @@
 """Real-budget quality benchmark (issue 13): a head SmolLM2 can actually use, on CPU.
 
-  python bench/quality.py [--quick] [--engine hf|vllm] [--threads 2] [--run-dir runs/quality] [--dry-run]
+  python bench/quality.py [--quick] [--engine hf|vllm] [--dtype D] [--eval-dtypes D,D] [--threads N]
+                          [--run-dir runs/quality] [--dry-run]          (make quality QUALITY_ARGS=...)
+
+Drives the CLI (`python -m pipeline.cli run|sweep|eval CONFIG key=value ...`): writes the prompt
+set (<run>/prompts.jsonl: AlpacaEval instructions, the ShareGPT example's distinct first turns,
+GSM8K train questions; never MT-bench; GSM8K's last 20 rows reserved) and the two eval sets,
+generates <run>/sweep.yaml from TEMPLATE, regenerates + extracts one cache, sweeps lr x draft
+vocab from it, trains the best point (<run>/final.yaml) and evaluates it on 20 MT-bench first
+turns and the 20 reserved GSM8K questions (chain k=3 and tree); the table lands in
+<run>/quality.md. Every stage is skipped when its pipeline marker says it is done, so a
+re-run only evaluates.
 
 ## Design note (issue 13): budget and what it takes
 
@@ -24,19 +34,19 @@ Budget of the full run (`Sizes()`, bf16 target, HF regeneration; the script prin
 tokens; regeneration ~16 min, extraction ~9 min, training 4 sweep points x 80 steps x 8 samples
 (~0.27 M tokens) + 3 final epochs (~1.5 M tokens) ~1 h 45 min, evaluation (20 MT-bench + 20
 GSM8K prompts x 128 tokens x plain/chain/tree, fp32 and bf16 target) ~20 min: **~2.5 h on 2
-quiet cores**, most of it
-head training at ~340 tok/s. fp32 everywhere would add ~30 min (regeneration 36 min, extraction
+quiet cores**, most of it head training at ~340 tok/s. fp32 everywhere would add ~30 min (regeneration 36 min, extraction
 20 min). The budget is bounded by training throughput: 10 epochs of the 0.49 M-token cache
 would take ~4 h.
 
 What it takes to reach the goals:
 * **held-out acc_0 >= 0.55.** The demo head (10 k tokens, 3 epochs) has acc_0 0.23; the quick
-  run's 1-epoch head ~0.1. Published EAGLE-3 heads train on hundreds of thousands of
-  conversations (~10^8 tokens); here ~0.5 M tokens x 3 epochs is the most the ~2 h budget allows; whether it reaches 0.55
-  is what the full run measures. The levers, in order: more self-generated tokens (vLLM
-  regeneration, `--engine vllm`, cuts that stage ~3x), faster training (bf16 autocast of the
-  head, the TTT step's throughput: other branches), a small draft vocab (8 k covered 100% of the quick
-  cache's answer tokens; the sweep tries 8 k and 16 k) and the lr from the sweep.
+  runs' 1-epoch heads 0.05-0.09. Published EAGLE-3 heads train on hundreds of thousands of
+  conversations (~10^8 tokens); here ~0.5 M tokens x 3 epochs is what the ~2 h budget allows,
+  and whether that reaches 0.55 is what the full run measures (not run in this session). The
+  levers, in order: more self-generated tokens (`--engine vllm` regeneration; its rate here is
+  assumed, not measured), faster training (bf16 autocast of the head, the TTT step's
+  throughput: other branches), a small draft vocab (8 k covered 100% of the quick cache's
+  answer tokens; the sweep tries 8 k and 16 k) and the lr from the sweep.
 * **real τ, chain k=3 >= 2.0.** τ = 1 + a1 + a1·a2 + a1·a2·a3 with a_d the acceptance at depth d
   given depth d-1 was accepted: a1 = 0.55 with a2 = a3 = 0.6 gives 2.08, so acc_0 ~0.55 *and*
   conditional acceptance >= 0.6 deeper (TTT 7 trains exactly that). **tree >= 2.3**: a top-4,
@@ -52,12 +62,12 @@ What it takes to reach the goals:
   41 ms bf16) lowers t1 and t_verify alike, so it makes decoding faster but not the ratio.
 * **lossless, and where fp32 stays.** A bf16 target is not batch-invariant on this CPU: the
   same 4 tokens verified in one pass or fed one by one give logits that differ by up to 0.66
-  (fp32: 7e-5; 8 random 4-token continuations of bench_verify's 300-token prompt), so a near-tie can flip the greedy token and the strict token-identity
-  check fails although both decodings are the bf16 target's. The quick run shows it: with the
+  (fp32: 7e-5; 8 random 4-token continuations of bench_verify's 300-token prompt), so a
+  near-tie can flip the greedy token and the strict token-identity check fails although both decodings are the bf16 target's. The quick run shows it: with the
   bf16 target 3 of 4 rows are "NO" (first mismatch at token 0), with the fp32 target all 4 are
   "yes". Hence stage 3 runs both by default on bf16 CPUs: fp32 is the exact lossless reference,
-  bf16 the speed figure (regeneration and extraction run in bf16: there only the features'
-  rounding changes, which the head tolerates).
+  bf16 the speed figure. Regeneration and extraction run in bf16 by default (`--dtype`), so the
+  head learns the bf16 target's features; the fp32 eval rows show what that costs.
 """
 from __future__ import annotations
 
