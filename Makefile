@@ -38,3 +38,8 @@ gpu-check: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# issue 13's real-budget benchmark (~2 h on 2 cores; QUALITY_ARGS=--quick proves it in minutes)
+.PHONY: quality
+quality: $(STAMP)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
