@@ -112,7 +112,8 @@ def run_worker(script: Path, request: dict, python: Path, log_path: Path, *, ech
             log.write(f"\n=== {python} {script.name}\n")
             log.flush()
             try:
-                rc = subprocess.run([str(python), str(script), str(req), str(res)], env=_worker_env(),
+                # -I: the script's own directory must not shadow the stdlib (stage1_extract/tokenize.py).
+                rc = subprocess.run([str(python), "-I", str(script), str(req), str(res)], env=_worker_env(),
                                     stdout=None if echo else log, stderr=None if echo else log,
                                     timeout=timeout).returncode
             except subprocess.TimeoutExpired:
