@@ -14,6 +14,7 @@ Token identity: every turn's speculative output must equal vLLM's own greedy out
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -55,11 +56,13 @@ def run_vllm_eval(cfg, heads: list[str], prompts: list[EvalPrompt], out_dir: Pat
     if progress:
         print(f"[eval] vLLM: target {target}, {len(heads)} head(s); log {log}", flush=True)
     res = run_worker(WORKER, request, python, log)
+    (out_dir / "vllm_raw.json").write_text(json.dumps(res))  # every token and prompt id, for checks
     sampling = e.temperature > 0
     base = res["baseline"]["runs"]
     return {
         "version": res["vllm_version"], "target_dir": str(target), "dtype": dtype, "method": "chain",
-        "draft_tokens": e.draft_tokens, "log": str(log), "baseline_init_s": res["baseline"]["init_s"],
+        "draft_tokens": e.draft_tokens, "log": str(log), "raw": str(out_dir / "vllm_raw.json"),
+        "baseline_init_s": res["baseline"]["init_s"],
         "heads": [{"head": str(h), "name": head_name(h), "export": x["dir"], "init_s": r["init_s"],
                    **summarize_engine(base, r["runs"], e.draft_tokens, sampling)}
                   for h, x, r in zip(heads, exports, res["heads"])],
