@@ -65,6 +65,14 @@ def spec_counters(llm):
     return out
 
 
+def close(llm):
+    """Stop the engine process now (frees its KV cache before the next LLM starts, on a GPU too)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    gc.collect()
+
+
 def timed_generate(llm, ids, sp):
     t0 = time.perf_counter()
     out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
@@ -93,8 +101,7 @@ def run_baseline(req, sp, tok, stops):
             answer = tokens[:-1] if tokens and tokens[-1] in stops else tokens
             messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
         log(f"baseline: prompt {p['id']} done")
-    del llm
-    gc.collect()
+    close(llm)
     return {"init_s": init_s, "runs": runs}
 
 
@@ -121,8 +128,7 @@ def run_head(req, head, sp, prompt_runs):
                      "accepted": after[SPEC_COUNTERS[2]] - before[SPEC_COUNTERS[2]],
                      "accepted_per_pos": per_pos})
     log(f"head {head['name']}: {len(runs)} turns done")
-    del llm
-    gc.collect()
+    close(llm)
     return {"name": head["name"], "dir": head["dir"], "init_s": init_s, "runs": runs}
 
 
