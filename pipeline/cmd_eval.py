@@ -25,10 +25,10 @@ def register(app: typer.Typer) -> None:
         """
         from schemas.head import HeadError
         from schemas.target import TargetError
+        from schemas.vllm_runtime import VllmMissingError, VllmRunError
         from stage3_eval.draft_runner import DraftRunError
         from stage3_eval.prompts import PromptError
         from stage3_eval.target_runner import TargetRunError
-        from schemas.vllm_runtime import VllmMissingError, VllmRunError
 
         for exc in (HeadError, TargetError, PromptError, DraftRunError, TargetRunError, VllmMissingError,
                     VllmRunError):

@@ -102,6 +102,23 @@ def test_regenerate_without_vllm_leaves_a_partial_file_untouched(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["regen.jsonl", "train.jsonl"]
 
 
+def test_regenerate_cli_without_vllm_is_one_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"target": {"path": "/nowhere"}, "data": {"train": [str(data)]},
+                                   "extract": {"cache": str(tmp_path / "run" / "cache")},
+                                   "vllm": {"python": str(tmp_path / "none")}}))
+    r = CliRunner().invoke(app, ["regenerate", str(cfg), "data.regenerate.engine=vllm"])
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith("error: vLLM is not available:") and "make vllm" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "train.jsonl"]
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("eval.engine=sglang", "'eval.engine': Input should be 'hf', 'vllm' or 'both'"),
     ("data.regenerate.engine=both", "'data.regenerate.engine': Input should be 'hf' or 'vllm'"),
