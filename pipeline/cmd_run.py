@@ -17,11 +17,12 @@ def _register_errors() -> None:
     from schemas.cache import CacheError
     from schemas.head import HeadError
     from schemas.target import TargetError
+    from schemas.vllm_runtime import VllmMissingError, VllmRunError
     from stage1_extract.regenerate import RegenerateError
 
     from pipeline.submit import SubmitError
 
-    for e in (CacheError, HeadError, TargetError, RegenerateError, SubmitError):
+    for e in (CacheError, HeadError, TargetError, RegenerateError, SubmitError, VllmMissingError, VllmRunError):
         register_user_error(e)
     for mod, name in (("stage1_extract.conversations", "DataError"), ("stage1_extract.extract", "ExtractError"),
                       ("stage1_extract.workers", "WorkerError"), ("stage2_train.trainer", "TrainError"),

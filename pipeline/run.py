@@ -80,7 +80,7 @@ def fingerprint(cfg: RunConfig, stage: str) -> str:
     t = {k: c["target"][k] for k in ("path", "gguf_file", "dtype")}
     if stage == "regenerate":
         return _digest([t, c["data"]["train"], c["data"]["max_samples"], c["data"]["max_length"],
-                        {k: v for k, v in c["data"]["regenerate"].items() if k != "batch_size"}])
+                        {k: v for k, v in c["data"]["regenerate"].items() if k not in ("batch_size", "engine")}])
     if stage == "extract":
         e = cfg_eff = effective_config(cfg)
         d = cfg_eff.data.model_dump(mode="json")

@@ -83,8 +83,11 @@ class RegenerateConfig(_Section):
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="conversations per generate call and per fsynced write "
+                            "(vllm batches continuously inside one call: use hundreds)")
     seed: int = 0
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers generate; vllm = vLLM's offline "
+                                          "batch API in the engine venv (see the vllm section)")
 
 
 class DataConfig(_Section):
@@ -167,6 +170,21 @@ class EvalConfig(_Section):
     offline: bool = True
     output: Optional[str] = Field(None, description="default: <head>/eval")
     seed: int = 0
+    engine: Literal["hf", "vllm", "both"] = Field(
+        "hf", description="hf = our stage-3 decoding; vllm = the exported head in vLLM (chain of draft_tokens); "
+                          "both = the two, side by side in one report")
+
+
+class VllmConfig(_Section):
+    """The optional vLLM engine (eval.engine / data.regenerate.engine = vllm), run in its own venv."""
+    python: Optional[str] = Field(None, description="the engine venv's python (default: $EAGLE3_VLLM_PYTHON, "
+                                                    "else .venv-vllm/bin/python of this checkout; `make vllm`)")
+    kv_cache_gib: Optional[float] = Field(1.0, gt=0, description="KV cache size; null = vLLM sizes it from "
+                                                                 "gpu_memory_utilization")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, gt=0, description="default: the target's own limit")
+    enforce_eager: bool = Field(True, description="no torch.compile / CUDA graphs (fast start; off for speed on GPU)")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM(...) keyword arguments")
 
 
 class SlurmConfig(_Section):
@@ -220,6 +238,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
 
     @field_validator("name")
     @classmethod

@@ -10,6 +10,10 @@ written one whole conversation per line, flushed and fsynced after each batch.
 A re-run appends: ids already in the file are skipped, and a trailing partial
 line left by a killed process is dropped first, so a conversation is never
 duplicated or lost.
+
+data.regenerate.engine: vllm runs the same plan through vLLM's offline batch API in the
+engine venv (stage1_extract/vllm_regen_worker.py, schemas/vllm_runtime.py): the worker
+appends the same lines in chunks of batch_size conversations, with the same resume rules.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from schemas.config import RunConfig
 
 ROLE_TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 META_SUFFIX = ".meta.json"
+VLLM_WORKER = Path(__file__).with_name("vllm_regen_worker.py")
 # Settings that change what the answers are: resuming under different ones would mix two data sets.
 META_KEYS = ("target", "max_new_tokens", "temperature", "top_p", "seed")
 
@@ -202,6 +207,8 @@ def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:
     """Regenerate the assistant turns of data.train; returns the output JSONL (resumes an existing one)."""
     from tqdm.auto import tqdm
 
+    # A missing vLLM fails here, before anything is read, repaired or written.
+    vllm_python = _engine_python(cfg) if cfg.data.regenerate.engine == "vllm" else None
     items, out, done = _plan(cfg, repair=True)
     todo = [it for it in items if it.key not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +216,9 @@ def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:
     if not todo:
         if not out.exists():  # touching an existing file would change its mtime for no reason
             out.touch()
+        return out
+    if vllm_python is not None:
+        _regenerate_vllm(cfg, todo, out, vllm_python, progress=progress)
         return out
 
     from schemas.target import load_target
@@ -253,3 +263,31 @@ def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:
             bar.update(len(batch))
     bar.close()
     return out
+
+
+def _engine_python(cfg: RunConfig) -> Path:
+    from schemas.vllm_runtime import engine_python
+
+    return engine_python(cfg.vllm)
+
+
+def _regenerate_vllm(cfg: RunConfig, todo: list[_Item], out: Path, python: Path, *, progress: bool) -> dict:
+    """The pending conversations through vLLM; the worker appends to `out` chunk by chunk."""
+    from schemas.target import converted_dir
+    from schemas.vllm_runtime import llm_kwargs, run_worker
+
+    r = cfg.data.regenerate
+    target = converted_dir(cfg.target)
+    request = {"llm": llm_kwargs(cfg, target, seed=r.seed), "output": str(out.resolve()), "chunk": r.batch_size,
+               "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
+               "seed": r.seed, "max_length": cfg.data.max_length,
+               "items": [{"key": it.key, "system": it.system, "prompts": it.prompts} for it in todo]}
+    log = out.with_name(out.name + ".vllm.log")
+    if progress:
+        print(f"[regenerate] vLLM: {len(todo)} conversations, target {target}; log {log}", flush=True)
+    res = run_worker(VLLM_WORKER, request, python, log)
+    if progress:
+        tps = res["generated_tokens"] / res["generate_s"] if res["generate_s"] else float("nan")
+        print(f"[regenerate] vLLM wrote {res['written']} conversations, {res['generated_tokens']} tokens "
+              f"in {res['generate_s']:.1f} s ({tps:.1f} tokens/s; engine start {res['init_s']:.1f} s)", flush=True)
+    return res

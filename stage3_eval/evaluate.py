@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 
 from schemas.target import load_target
+from schemas.vllm_runtime import engine_python
 from stage3_eval.draft_runner import DraftRunner, head_layer_ids, load_draft
 from stage3_eval.offline import offline_table
 from stage3_eval.prompts import load_prompts, render
 from stage3_eval.report import summarize, write_report
 from stage3_eval.spec_decode import DecodeSettings, generate
 from stage3_eval.target_runner import TargetRunner
+from stage3_eval.vllm_engine import run_vllm_eval
 
 
 def settings_for(cfg, method: str) -> DecodeSettings:
@@ -99,17 +101,23 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     """Run stage 3 and write report.json/.md/.png; returns the report dict.
 
     model_tok: an already loaded (model, tokenizer) pair (tests, sweeps) instead of cfg.target.
+    eval.engine: hf = our decoding below; vllm = the exported heads in vLLM (stage3_eval/vllm_engine.py)
+    instead; both = the two on the same prompts, in one report.
     """
     e = cfg.eval
-    model, tok = model_tok if model_tok is not None else load_target(cfg.target)[:2]
+    # A missing vLLM fails here, before the target loads or anything is written.
+    vllm_python = engine_python(cfg.vllm) if e.engine in ("vllm", "both") else None
+    prompts = load_prompts(e.prompts, max_prompts=e.max_prompts, max_turns=e.max_turns)
     heads = cfg.heads
+    if e.engine == "vllm":
+        return _finish(cfg, heads, [], {}, prompts, vllm_python, progress)
+    model, tok = model_tok if model_tok is not None else load_target(cfg.target)[:2]
     methods = cfg.eval_methods
     drafts = []
     for h in heads:
         d = load_draft(h, model)
         drafts.append((h, DraftRunner(d), TargetRunner(model, head_layer_ids(d))))
     base_runner = TargetRunner(model, None)
-    prompts = load_prompts(e.prompts, max_prompts=e.max_prompts, max_turns=e.max_turns)
     eos = _eos_ids(tok, model)
     base_s = settings_for(cfg, "plain")
     sampling = e.temperature > 0
@@ -168,7 +176,14 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
+                   target_dtype=base_runner.dtype, tree_check=tree_check)
 
+
+def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, target_dtype=None,
+            tree_check=None) -> dict:
+    """Summaries (HF methods, offline table, vLLM section when asked for) -> report files."""
+    e = cfg.eval
     report = {
         "target": cfg.target.path,
         "prompts": list(e.prompts),
@@ -176,13 +191,14 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                      "draft_tokens": e.draft_tokens, "top_k": e.top_k, "depth": e.depth,
                      "total_tokens": e.total_tokens, "repeats": e.repeats, "warmup": e.warmup,
                      "max_prompts": e.max_prompts, "max_turns": e.max_turns,
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(), "engine": e.engine},
         "heads": [],
     }
-    dt = _dtype_name(base_runner.dtype)
-    report["settings"]["tie_rule"] = f"spec token's logit within {TIE_ULPS} ulp ({dt}) of the target's top-1 logit"
-    report["tree_verify_check"] = tree_check
-    for hi, (h, _, _) in enumerate(drafts):
+    if target_dtype is not None:  # our HF decoding ran: how its lossless check counts ties
+        dt = _dtype_name(target_dtype)
+        report["settings"]["tie_rule"] = f"spec token's logit within {TIE_ULPS} ulp ({dt}) of the target's top-1 logit"
+        report["tree_verify_check"] = tree_check
+    for hi, h in enumerate(heads):
         entry = {"head": str(h), "name": Path(h).name if Path(h).name != "head" else str(h), "methods": []}
         for m in methods:
             depth = settings_for(cfg, m).max_depth
@@ -190,6 +206,8 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
         entry["offline"] = offline_table(h, cfg, progress=progress) if e.offline else None
         report["heads"].append(entry)
     out = Path(e.output) if e.output else Path(heads[0]) / "eval"
+    if vllm_python is not None:
+        report["vllm"] = run_vllm_eval(cfg, heads, prompts, out, vllm_python, progress=progress)
     paths = write_report(report, out)
     report["files"] = {k: str(v) for k, v in paths.items()}
     return report

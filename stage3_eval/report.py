@@ -10,12 +10,20 @@ report.json layout:
               "methods": [{"method", "num_prompts", "num_turns", "new_tokens", "target_forward_passes",
                            "tau", "acceptance_by_depth", "accept_length_hist", "baseline_new_tokens",
                            "baseline_wall_s", "spec_wall_s", "baseline_tokens_per_s", "spec_tokens_per_s",
-                           "speedup", "lossless", "mismatched_prompts", "per_prompt": [...]}]}]}
+                           "speedup", "lossless", "mismatched_prompts", "per_prompt": [...]}]}],
+   "vllm": {"version", "target_dir", "dtype", "method": "chain", "draft_tokens", "log",   (eval.engine vllm|both)
+            "heads": [{"head", "name", "export", "drafts", "accepted", "acceptance_per_pos", "acceptance_by_depth",
+                       "accept_length_hist", "mean_acceptance_length", "baseline_tokens_per_s",
+                       "spec_tokens_per_s", "speedup", "identical", "mismatched_prompts", ...}]}}
+The engine table puts HF chain and vLLM side by side in one convention: per position d, the
+fraction of drafts with at least d tokens accepted (what vLLM counts), and the mean acceptance
+length 1 + accepted / drafts.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from stage3_eval.offline import offline_markdown
 
@@ -93,6 +101,59 @@ def _f(x, fmt="{:.3f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def hist_stats(hist: list[int]) -> tuple[list, Optional[float]]:
+    """(P(>= d accepted) for d = 1..k, 1 + mean accepted) from a cycles-by-accepted-length histogram."""
+    n = sum(hist)
+    if not n:
+        return [None] * (len(hist) - 1), None
+    return ([sum(hist[d:]) / n for d in range(1, len(hist))],
+            1 + sum(i * c for i, c in enumerate(hist)) / n)
+
+
+def engine_rows(report: dict) -> list[dict]:
+    """HF chain rows (with eval.draft_tokens) and vLLM rows, in the engine table's convention."""
+    v = report.get("vllm")
+    if not v:
+        return []
+    rows = []
+    for h in report["heads"]:
+        for m in h["methods"]:
+            if m["method"] == "chain":
+                per_pos, mal = hist_stats(m["accept_length_hist"])
+                rows.append({"name": h.get("name", h["head"]), "engine": "hf", "turns": m.get("num_turns"),
+                             "new_tokens": m["new_tokens"], "mal": mal, "per_pos": per_pos,
+                             "base_tps": m["baseline_tokens_per_s"], "spec_tps": m["spec_tokens_per_s"],
+                             "speedup": m["speedup"], "identical": m["lossless"]})
+    for h in v["heads"]:
+        rows.append({"name": h["name"], "engine": f"vllm {v.get('version', '')}".strip(), "turns": h["num_turns"],
+                     "new_tokens": h["new_tokens"], "mal": h["mean_acceptance_length"],
+                     "per_pos": h["acceptance_per_pos"], "base_tps": h["baseline_tokens_per_s"],
+                     "spec_tps": h["spec_tokens_per_s"], "speedup": h["speedup"], "identical": h["identical"]})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def engine_markdown(report: dict) -> list[str]:
+    rows = engine_rows(report)
+    if not rows:
+        return []
+    v = report["vllm"]
+    same = {True: "yes", False: "NO", None: "n/a (sampling)"}
+    lines = ["", f"## Engines: chain k={v['draft_tokens']}, same prompts, greedy baseline of the same engine", "",
+             "| head | engine | turns | new tokens | mean acceptance length | P(≥d accepted), d=1.. | "
+             "baseline tok/s | spec tok/s | speed-up | token-identical |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        pp = " ".join(_f(a, "{:.3f}") for a in r["per_pos"])
+        lines.append(f"| {r['name']} | {r['engine']} | {r['turns']} | {r['new_tokens']} | {_f(r['mal'])} | {pp} | "
+                     f"{_f(r['base_tps'], '{:.1f}')} | {_f(r['spec_tps'], '{:.1f}')} | "
+                     f"{_f(r['speedup'], '{:.2f}×')} | {same[r['identical']]} |")
+    for h in v["heads"]:
+        if h["mismatched_prompts"]:
+            lines += ["", f"vLLM mismatches ({h['name']}): " + ", ".join(
+                f"{x['id']}#turn{x['turn']}@{x['first_mismatch']}" for x in h["mismatched_prompts"])]
+    return lines
+
+
 def markdown(report: dict) -> str:
     s = report.get("settings", {})
     lines = [f"# Speculative decoding: {report.get('target', '')}", "",
@@ -103,6 +164,8 @@ def markdown(report: dict) -> str:
              "| head | method | prompts | new tokens | target passes | τ | acceptance by depth | "
              "baseline tok/s | spec tok/s | speed-up | lossless |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    if not any(h["methods"] for h in report["heads"]):
+        lines = lines[:-3]  # eval.engine vllm: our decoding did not run
     for h in report["heads"]:
         name = h.get("name", h["head"])
         for m in h["methods"]:
@@ -118,6 +181,7 @@ def markdown(report: dict) -> str:
                 lines += ["", f"mismatches ({h.get('name')}, {m['method']}; tie = the target's top-1 and the "
                           f"speculative token within the stated tolerance): " +
                           ", ".join(_mismatch_text(x) for x in m["mismatched_prompts"])]
+    lines += engine_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +201,7 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [(h.get("name", h["head"]), m) for h in report["heads"] for m in h["methods"]]
+    rows += [(f"{h['name']} vllm", {**h, "method": "chain"}) for h in (report.get("vllm") or {}).get("heads", [])]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(rows), 1)
     for i, (name, m) in enumerate(rows):

@@ -50,3 +50,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The vLLM engine venv's python (`make vllm`, or EAGLE3_VLLM_PYTHON); skips when there is none."""
+    from schemas.config import VllmConfig
+    from schemas.vllm_runtime import VllmMissingError, engine_python
+
+    try:
+        return engine_python(VllmConfig())
+    except VllmMissingError as e:
+        pytest.skip(str(e))

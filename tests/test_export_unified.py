@@ -11,7 +11,6 @@ import torch
 from schemas.head import POSITION_RULE_KEY, HeadError, load_head
 from stage2_train.export import export_head, write_head
 
-VLLM_PYTHON = os.environ.get("EAGLE3_VLLM_PYTHON", "/work/venvs/vllm/bin/python")
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +88,8 @@ def test_cli_export_without_and_with_to(head_dir, tmp_path):
         json.loads((tmp_path / "o2" / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"]
 
 
-@pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK), reason=f"no vLLM venv at {VLLM_PYTHON}")
-def test_vllm_reads_the_hf_ids_from_the_export(head_dir, tmp_path):
+@pytest.mark.vllm
+def test_vllm_reads_the_hf_ids_from_the_export(head_dir, tmp_path, vllm_python):
     """vLLM's own reader (the eagle3 aux-layer lookup) on our exported config.json."""
     out = export_head(head_dir, None, tmp_path / "e")
     script = (
@@ -101,7 +100,7 @@ def test_vllm_reads_the_hf_ids_from_the_export(head_dir, tmp_path):
         "cfg = PretrainedConfig(**json.load(open(sys.argv[1])))\n"
         "spec = SimpleNamespace(draft_model_config=SimpleNamespace(hf_config=cfg))\n"
         "print(json.dumps(list(get_eagle3_aux_layers_from_config(spec))))\n")
-    p = subprocess.run([VLLM_PYTHON, "-c", script, str(out / "config.json")], capture_output=True, text=True,
+    p = subprocess.run([str(vllm_python), "-I", "-c", script, str(out / "config.json")], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     hf = json.loads((out / "config.json").read_text())["eagle_config"]["hf_hidden_states_layer_ids"]
@@ -123,8 +122,8 @@ def test_speculators_layout(head_dir, tmp_path):
     assert not (tmp_path / "s2").exists()
 
 
-@pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK), reason=f"no vLLM venv at {VLLM_PYTHON}")
-def test_vllm_parses_the_speculators_export(head_dir, tmp_path):
+@pytest.mark.vllm
+def test_vllm_parses_the_speculators_export(head_dir, tmp_path, vllm_python):
     """vLLM's own speculators config reader: drafter config, aux ids, speculative config, verifier."""
     out = export_head(head_dir, "speculators", tmp_path / "s", verifier="path/to/target", speculative_tokens=4)
     script = (
@@ -137,7 +136,7 @@ def test_vllm_parses_the_speculators_export(head_dir, tmp_path):
         "print(json.dumps({'ids': list(c.eagle_aux_hidden_state_layer_ids), 'arch': c.architectures,\n"
         "                  'nbr': c.norm_before_residual, 'n': c.draft_vocab_size, 'spec': spec,\n"
         "                  'hidden': c.hidden_size, 'target_hidden': c.target_hidden_size}))\n")
-    p = subprocess.run([VLLM_PYTHON, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([str(vllm_python), "-I", "-c", script, str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     cfg = json.loads((out / "config.json").read_text())

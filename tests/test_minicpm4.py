@@ -305,7 +305,7 @@ def _oracle_python():
 def test_against_vllm_minicpm(tmp_path):
     """vLLM's `minicpm` in its own venv; 4 layers, hidden 256, longrope original 64, lengths 32 and 160."""
     if _oracle_python() is None:
-        pytest.skip("no vLLM oracle venv (EAGLE3_VLLM_PYTHON, .venv-vllm or /work/venvs/vllm)")
+        pytest.skip("no vLLM oracle venv (`make vllm` or EAGLE3_VLLM_PYTHON)")
     out = tmp_path / "oracle.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench/minicpm4_oracle.py"), "--json", str(out), "--tol", "1e-3"],
                        capture_output=True, text=True, timeout=900)
