@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from schemas.cache import CacheReader
+from stage2_train.sampler import pack_sorted
 from stage2_train.teacher import build_teacher
 
 SPLIT_SALT = 0x5EED
@@ -47,20 +48,7 @@ def make_batches(lengths: np.ndarray, indices: Sequence[int], *, micro_batch_siz
     batches: list[list[int]] = []
     span = max(1, window * micro_batch_size)
     for w0 in range(0, len(idx), span):
-        win = idx[w0:w0 + span]
-        win = win[np.argsort(-lengths[win], kind="stable")]
-        cur: list[int] = []
-        cur_max = 0
-        for i in win:
-            ln = int(lengths[i])
-            new_max = max(cur_max, ln)
-            if cur and (len(cur) + 1 > micro_batch_size or (len(cur) + 1) * new_max > max_tokens):
-                batches.append(cur)
-                cur, new_max = [], ln
-            cur.append(int(i))
-            cur_max = new_max
-        if cur:
-            batches.append(cur)
+        batches += pack_sorted(idx[w0:w0 + span], lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
     if shuffle:
         order = rng.permutation(len(batches))
         batches = [batches[j] for j in order]

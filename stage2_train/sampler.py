@@ -86,23 +86,29 @@ def pack(stream: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *, m
     batches: list[list[int]] = []
     span = max(1, window * micro_batch_size)
     for w0 in range(0, len(stream), span):
-        win = stream[w0:w0 + span]
-        win = win[np.argsort(-lengths[win], kind="stable")]
-        mine: list[list[int]] = []
-        cur: list[int] = []
-        cur_max = 0
-        for i in win:
-            ln = int(lengths[i])
-            new_max = max(cur_max, ln)
-            if cur and (len(cur) + 1 > micro_batch_size or (len(cur) + 1) * new_max > max_tokens):
-                mine.append(cur)
-                cur, new_max = [], ln
-            cur.append(int(i))
-            cur_max = new_max
-        if cur:
-            mine.append(cur)
+        mine = pack_sorted(stream[w0:w0 + span], lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
         batches.extend(mine[j] for j in rng.permutation(len(mine)))
     return batches
+
+
+def pack_sorted(win: np.ndarray, lengths: np.ndarray, *, micro_batch_size: int, max_tokens: int) -> list[list[int]]:
+    """`win`'s samples sorted by length (longest first) and cut into micro-batches that hold at
+    most `micro_batch_size` samples and `max_tokens` padded tokens."""
+    win = win[np.argsort(-lengths[win], kind="stable")]
+    out: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in win:
+        ln = int(lengths[i])
+        new_max = max(cur_max, ln)
+        if cur and (len(cur) + 1 > micro_batch_size or (len(cur) + 1) * new_max > max_tokens):
+            out.append(cur)
+            cur, new_max = [], ln
+        cur.append(int(i))
+        cur_max = new_max
+    if cur:
+        out.append(cur)
+    return out
 
 
 def chunk_aware_order(shard_of: np.ndarray, lengths: np.ndarray, indices: Sequence[int], *, micro_batch_size: int,

@@ -48,7 +48,8 @@ main()
 @pytest.fixture(scope="module")
 def longrope_cache(tmp_path_factory):
     from cachefix import build_cache
-    from schemas.cache import CacheReader
+    from schemas.cache import CACHE_JSON, CacheReader
+    from schemas.cache_check import target_file_checksums
 
     c, _ = build_cache(tmp_path_factory.mktemp("lr"), n_samples=16, samples_per_shard=16, topk=4)
     cfg_path = CacheReader(c).target_dir() / "config.json"
@@ -61,6 +62,10 @@ def longrope_cache(tmp_path_factory):
                              "original_max_position_embeddings": 64}
     tc["max_position_embeddings"] = 256
     cfg_path.write_text(json.dumps(tc))
+    # A deliberate edit of target/: record the new checksums as an extraction would have.
+    meta = json.loads((c / CACHE_JSON).read_text())
+    meta["target_files"] = target_file_checksums(cfg_path.parent)
+    (c / CACHE_JSON).write_text(json.dumps(meta))
     return c
 
 

@@ -27,6 +27,10 @@ MINIMAL = {"target": {"path": "/nowhere"}}
 
 def cli(*args, env_extra=None, timeout=900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # An in-process training earlier in the session leaves its process group's variables (and its
+    # port, still bound) in os.environ: a child must pick its own.
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
