@@ -30,7 +30,7 @@ from schemas.vllm_runtime import engine_python
 from stage3_eval.draft_runner import DraftRunner, head_layer_ids, load_draft
 from stage3_eval.offline import offline_table
 from stage3_eval.prompts import load_prompts, render
-from stage3_eval.report import summarize, write_report
+from stage3_eval.report import first_mismatch, summarize, write_report
 from stage3_eval.spec_decode import DecodeSettings, generate
 from stage3_eval.target_runner import TargetRunner
 from stage3_eval.vllm_engine import run_vllm_eval
@@ -84,13 +84,6 @@ def mismatch_detail(runner: TargetRunner, prompt_ids: list[int], base: list[int]
     d.update(top1_token=int(top.indices[0]), top1_logit=top1, top2_logit=top2, margin=top1 - top2,
              spec_token_gap=gap, tolerance=tol, tie=gap <= tol)
     return d
-
-
-def _first_mismatch(a: list[int], b: list[int]):
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _dtype_name(dt) -> str:
@@ -162,7 +155,7 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
                 for m in methods:
                     r = timed(tr, dr, ids, settings_for(cfg, m))
                     match = None if sampling else (r.tokens == base.tokens)
-                    first = None if match in (None, True) else _first_mismatch(r.tokens, base.tokens)
+                    first = None if match in (None, True) else first_mismatch(r.tokens, base.tokens)
                     records[(hi, m)].append({
                         "id": p.id, "turn": turn + 1, "new_tokens": r.new_tokens, "passes": r.forward_passes,
                         "accept_lengths": r.accept_lengths, "drafted_depths": r.drafted_depths,

@@ -27,6 +27,23 @@ from typing import Optional
 
 from stage3_eval.offline import offline_markdown
 
+
+def first_mismatch(a: list[int], b: list[int]) -> Optional[int]:
+    """First index where two token lists differ (the shorter length when one is a prefix); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def speed_fields(base_new: int, base_s: float, new: int, spec_s: float) -> dict:
+    """Baseline vs speculative throughput, the same fields for every engine's row."""
+    base_tps = base_new / base_s if base_s > 0 else None
+    spec_tps = new / spec_s if spec_s > 0 else None
+    return {"baseline_new_tokens": base_new, "baseline_wall_s": base_s, "spec_wall_s": spec_s,
+            "baseline_tokens_per_s": base_tps, "spec_tokens_per_s": spec_tps,
+            "speedup": (spec_tps / base_tps) if base_tps and spec_tps else None}
+
 REQUIRED = ("method", "num_prompts", "new_tokens", "target_forward_passes", "tau", "acceptance_by_depth",
             "baseline_tokens_per_s", "spec_tokens_per_s", "speedup", "lossless", "mismatched_prompts")
 
@@ -47,8 +64,6 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
     base_new = sum(r["base_new_tokens"] for r in runs)
     base_s = sum(r["base_wall_s"] for r in runs)
     spec_s = sum(r["wall_s"] for r in runs)
-    base_tps = base_new / base_s if base_s > 0 else None
-    spec_tps = new / spec_s if spec_s > 0 else None
     checked = [r for r in runs if r["match"] is not None]
     mism = [{"id": r["id"], "turn": r["turn"], "first_mismatch": r["first_mismatch"],
              **_mismatch_fields(r.get("mismatch"))} for r in checked if not r["match"]]
@@ -62,12 +77,7 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
         "tau": new / passes if passes else None,
         "acceptance_by_depth": by_depth,
         "accept_length_hist": hist,
-        "baseline_new_tokens": base_new,
-        "baseline_wall_s": base_s,
-        "spec_wall_s": spec_s,
-        "baseline_tokens_per_s": base_tps,
-        "spec_tokens_per_s": spec_tps,
-        "speedup": (spec_tps / base_tps) if base_tps and spec_tps else None,
+        **speed_fields(base_new, base_s, new, spec_s),
         "lossless": (len(mism) == ties) if checked else None,
         "lossless_failures": (len(mism) - ties) if checked else None,
         "lossless_ties": ties if checked else None,

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from schemas.target import converted_dir
 from schemas.vllm_runtime import engine_dtype, llm_kwargs, run_worker
 from stage3_eval.prompts import EvalPrompt
+from stage3_eval.report import first_mismatch, speed_fields
 
 WORKER = Path(__file__).with_name("vllm_eval_worker.py")
 
@@ -69,13 +69,6 @@ def run_vllm_eval(cfg, heads: list[str], prompts: list[EvalPrompt], out_dir: Pat
     }
 
 
-def _first_mismatch(a: list[int], b: list[int]) -> Optional[int]:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def counts_to_hist(drafts: int, accepted_per_pos: list[int]) -> list[int]:
     """Drafts that accepted exactly 0..k tokens, from 'drafts that accepted position i' counts."""
     k = len(accepted_per_pos)
@@ -94,10 +87,8 @@ def summarize_engine(base_runs: list[dict], spec_runs: list[dict], k: int, sampl
     base_new = sum(len(r["tokens"]) for r in base_runs)
     spec_s = sum(r["wall_s"] for r in spec_runs)
     base_s = sum(r["wall_s"] for r in base_runs)
-    base_tps = base_new / base_s if base_s > 0 else None
-    spec_tps = new / spec_s if spec_s > 0 else None
     mism = [] if sampling else [
-        {"id": s["id"], "turn": s["turn"], "first_mismatch": _first_mismatch(s["tokens"], b["tokens"])}
+        {"id": s["id"], "turn": s["turn"], "first_mismatch": first_mismatch(s["tokens"], b["tokens"])}
         for b, s in zip(base_runs, spec_runs) if s["tokens"] != b["tokens"]]
     return {
         "num_prompts": len({r["id"] for r in spec_runs}),
@@ -112,12 +103,7 @@ def summarize_engine(base_runs: list[dict], spec_runs: list[dict], k: int, sampl
                                 for d in range(1, k + 1)],
         "accept_length_hist": counts_to_hist(drafts, per_pos),
         "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
-        "baseline_new_tokens": base_new,
-        "baseline_wall_s": base_s,
-        "spec_wall_s": spec_s,
-        "baseline_tokens_per_s": base_tps,
-        "spec_tokens_per_s": spec_tps,
-        "speedup": (spec_tps / base_tps) if base_tps and spec_tps else None,
+        **speed_fields(base_new, base_s, new, spec_s),
         "identical": None if sampling else not mism,
         "mismatched_prompts": mism,
         "per_prompt": [{"id": s["id"], "turn": s["turn"], "new_tokens": len(s["tokens"]), "drafts": s["drafts"],

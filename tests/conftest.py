@@ -42,6 +42,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_llama_fp32(tiny_llama_dir):
+    """The tiny random Llama target in fp32, eval mode (one per test module: tests may switch its attention)."""
+    import torch
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """2 shared cores: intra-op threads only add spin-wait contention at tiny-model sizes."""
     import torch

@@ -30,10 +30,8 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def target(tiny_llama_dir):
-    import transformers as tf
-
-    return tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+def target(tiny_llama_fp32):
+    return tiny_llama_fp32
 
 
 @pytest.fixture(scope="module")

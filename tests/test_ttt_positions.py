@@ -14,17 +14,12 @@ from schemas.head import POSITION_RULE, POSITION_RULE_KEY, HeadError, make_head_
 from stage2_train.losses import ttt_forward
 from stage2_train.model import Eagle3Draft
 
-TARGET_CFG = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": 200,
-              "hidden_act": "silu", "model_type": "llama"}
+from test_train_unit import TARGET_CFG
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def tiny_head(n_draft=16, seed=0, target=TARGET_CFG) -> Eagle3Draft:
