@@ -205,7 +205,7 @@ data:
     enabled: true
     output: {run}/regenerated.jsonl
     max_new_tokens: {answer_tokens}
-    batch_size: 16
+    batch_size: {regen_batch}
 extract:
   cache: {run}/cache
   layers: auto
@@ -244,12 +244,13 @@ jobs:
 
 
 def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | None = None,
-                final: bool = False) -> str:
+                final: bool = False, engine: str = "hf") -> str:
     """The sweep config (each point: sz.sweep_steps steps), or with final=True the best point's
     config trained for sz.final_epochs (the head kept is the best held-out step)."""
     p = point or {}
     grid = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sz.sweep_grid.items())
     return TEMPLATE.format(
+        regen_batch=256 if engine == "vllm" else 16,
         mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
         max_length=sz.max_length, answer_tokens=sz.answer_tokens,
         vocab=p.get("train.draft_vocab_size", 8000), ttt=p.get("train.ttt_length", sz.ttt),
@@ -489,7 +490,7 @@ def main(argv=None) -> int:
     write_if_changed(run / "eval_mtbench.jsonl", mt)
     write_if_changed(run / "eval_gsm8k.jsonl", gsm)
     sweep_cfg = run / "sweep.yaml"
-    write_text_if_changed(sweep_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype))
+    write_text_if_changed(sweep_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, engine=a.engine))
     d = Driver(run, a.engine, a.threads, a.dry_run)
     t0 = time.perf_counter()
 
@@ -505,7 +506,7 @@ def main(argv=None) -> int:
 
     # 2. the best point trained to convergence (the head kept is the best held-out step)
     final_cfg = run / "final.yaml"
-    write_text_if_changed(final_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, point=point,
+    write_text_if_changed(final_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, point=point, engine=a.engine,
                                                  final=True))
     d.cli("run", str(final_cfg), "--stages", "regenerate,extract,train", "--no-progress")
 

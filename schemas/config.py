@@ -69,7 +69,9 @@ class TargetConfig(_Section):
     path: str = Field(..., description="HF model directory or a .gguf file")
     gguf_file: Optional[str] = Field(None, description="GGUF file name when `path` is a directory holding it")
     trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX; "
+                            "EAGLE3_CPU_BF16=0|1 overrides the probe), else fp32")
     device: str = Field("auto", description="auto = cuda when available, else cpu")
     device_map: Optional[str] = Field(None, description="'auto' spreads a large target over GPUs")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
@@ -126,6 +128,10 @@ class TrainConfig(_Section):
     ttt_length: int = Field(7, gt=0)
     loss_decay: float = Field(0.8, gt=0.0)
     deepspeed: str = "configs/deepspeed/cpu_fp32.json"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="bfloat16 = the head's forward under bf16 autocast (weights, gradients and AdamW "
+                            "stay fp32; softmax, norms and RoPE stay fp32); auto = bfloat16 where the device "
+                            "computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs), else float32")
     lr: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.02, ge=0.0, le=1.0)

@@ -148,11 +148,40 @@ def pick_device(cfg: TargetConfig):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_native_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles).
+
+    There, bf16 halves a matmul's cost and a 4-row matmul costs what a 1-row one does
+    (bench/bench_verify.py); elsewhere bf16 is emulated and slower than fp32.
+    `EAGLE3_CPU_BF16=0|1` overrides the probe (the test suite pins 0: its exact
+    references are fp32 whatever CPU CI runs on).
+    """
+    forced = os.environ.get("EAGLE3_CPU_BF16")
+    if forced not in (None, ""):
+        if forced not in ("0", "1"):
+            raise TargetError(f"EAGLE3_CPU_BF16={forced!r}: expected 0 or 1")
+        return forced == "1"
+    import torch
+
+    probes = (getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(p() for p in probes if p is not None)
+
+
+def fast_dtype(device):
+    """The compute dtype `auto` means on `device`: bf16 on CUDA and on CPUs with native
+    bf16, fp32 elsewhere."""
+    import torch
+
+    if device.type == "cuda" or (device.type == "cpu" and cpu_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def pick_dtype(cfg: TargetConfig, device):
     import torch
 
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return fast_dtype(device)
     return getattr(torch, cfg.dtype)
 
 

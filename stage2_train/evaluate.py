@@ -25,6 +25,7 @@ from schemas.head import HeadError, check_servable, hf_layer_ids, load_head  # n
 from stage2_train.data import BatchDataset, cropped_lengths, make_batches, split_indices, to_device
 from stage2_train.losses import simulated_tau, ttt_forward
 from stage2_train.model import Eagle3Draft
+from stage2_train.precision import compute_context
 from stage2_train.vocab import vocab_from_maps
 
 
@@ -70,8 +71,10 @@ def load_model(head_dir: str | Path, reader: CacheReader, device=None) -> Eagle3
 
 @torch.no_grad()
 def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_length: int, decay: float = 0.8,
-                   max_tokens: int = 8192, max_length: Optional[int] = None, progress: bool = False) -> dict:
-    """Per-position metrics of `model` on the samples `indices` of `reader`."""
+                   max_tokens: int = 8192, max_length: Optional[int] = None, progress: bool = False,
+                   compute_dtype: Optional[torch.dtype] = None) -> dict:
+    """Per-position metrics of `model` on the samples `indices` of `reader` (under autocast to
+    `compute_dtype` when given: the dtype the head trains and serves in)."""
     vocab = vocab_from_maps(model.d2t.cpu().numpy(), model.t2d.cpu().numpy())
     lengths = cropped_lengths(reader, max_length)
     batches = make_batches(lengths, list(indices), micro_batch_size=256, max_tokens=max_tokens, seed=0, epoch=0,
@@ -95,7 +98,8 @@ def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_leng
     for j in it:
         batch = to_device(ds[j], device)
         tokens += batch["tokens"]
-        out = ttt_forward(model, batch, S, decay, keep_per_token=True)
+        with compute_context(device, compute_dtype):
+            out = ttt_forward(model, batch, S, decay, keep_per_token=True)
         for k, (ce, h, c, lm) in enumerate(out.per_token):
             ce, h, c, lm = ce.double().cpu(), h.cpu(), c.cpu(), lm.cpu()
             ce_m = ce * lm
@@ -172,7 +176,11 @@ def offline_metrics(head_dir_or_model: Any, cache_dir: str | Path, *, split: str
     decay = cfg.train.loss_decay if cfg is not None else float(tr.get("loss_decay", 0.8))
     max_len = (cfg.train.max_length if cfg is not None else tr.get("max_length")) or None
     idx = resolve_split(reader, model.config, split, cfg)
-    return evaluate_model(model, reader, idx, ttt_length=ttt, decay=decay, max_length=max_len, progress=progress)
+    # the precision the head was trained and selected in (train.compute_dtype), so that these numbers
+    # reproduce the training's held-out table
+    amp = torch.bfloat16 if tr.get("compute_dtype") == "bfloat16" else None
+    return evaluate_model(model, reader, idx, ttt_length=ttt, decay=decay, max_length=max_len, progress=progress,
+                          compute_dtype=amp)
 
 
 def metrics_table(m: dict, title: str = "held-out") -> str:

@@ -38,6 +38,7 @@ from stage2_train.evaluate import cache_id, check_head_vs_cache, evaluate_model,
 from stage2_train.export import write_head
 from stage2_train.losses import ttt_forward
 from stage2_train.model import Eagle3Draft
+from stage2_train.precision import compute_context, dtype_name, resolve_compute_dtype
 from stage2_train.sampler import EpochOrder, chunk_aware_order
 from stage2_train.vocab import build_draft_vocab
 
@@ -383,6 +384,7 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     # RoPE frequencies must stay exact.
     engine.module.restore_rotary_buffers(rotary)
     dtype = ds_dtype(ds)
+    amp = resolve_compute_dtype(tc.compute_dtype, device, dtype)
     zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
 
     start, best = 0, {"tau": -1.0, "step": None, "metrics": None}
@@ -405,7 +407,7 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
             _truncate_jsonl(out / f, start)
         print(f"[stage 2] cache {plan.reader.root}: {len(plan.train_idx)} train / {len(plan.val_idx)} held-out "
               f"samples; draft vocab {tc.draft_vocab_size} covers {plan.vocab.coverage:.2%} of loss-masked tokens; "
-              f"{plan.total_steps} steps (world {world}, accumulation {G}, {dtype}, "
+              f"{plan.total_steps} steps (world {world}, accumulation {G}, {dtype} weights, {dtype_name(amp)} compute, "
               f"ZeRO-{(ds.get('zero_optimization') or {}).get('stage', 0)})"
               + (f"; resuming at step {start}" if start else ""), flush=True)
 
@@ -430,12 +432,13 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
         if rank == 0:
             m = evaluate_model(engine.module, plan.val_reader, plan.val_idx, ttt_length=tc.ttt_length,
                                decay=tc.loss_decay, max_tokens=max(tc.max_tokens_per_batch, 4096),
-                               max_length=plan.max_length)
+                               max_length=plan.max_length, compute_dtype=amp)
             with (out / "eval.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step, **m}) + "\n")
             if m["simulated_tau"] > best["tau"]:
                 best.update(tau=m["simulated_tau"], step=step, metrics=m)
-                write_head(engine.module, out, plan.training_block(best_step=step, heldout=m))
+                write_head(engine.module, out, plan.training_block(best_step=step, heldout=m,
+                                                                    compute_dtype=dtype_name(amp)))
             res[0] = dict(best)
         dist.broadcast_object_list(res, src=0)
         best.update(res[0])
@@ -473,7 +476,8 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
             gn = None
             for g in range(G):
                 batch = to_device(next(it), device)
-                o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay)
+                with compute_context(device, amp):
+                    o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay)
                 engine.backward(o.loss)
                 if g == G - 1 and zero_stage == 0 and dtype == "float32":
                     gn = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO / mixed precision
@@ -519,7 +523,7 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     if start >= plan.total_steps and len(plan.val_idx) and best["metrics"] is None:
         evaluate(step)
 
-    final = {"final_step": step, "dtype": dtype, "world_size": world, "grad_accum": G, "zero_stage": zero_stage}
+    final = {"final_step": step, "dtype": dtype, "compute_dtype": dtype_name(amp), "world_size": world, "grad_accum": G, "zero_stage": zero_stage}
     if world > 1:  # data parallel replicas must hold the same head
         final["ranks_max_param_diff"] = rank_param_diff(engine.module)
     if rank == 0:

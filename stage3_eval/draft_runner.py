@@ -48,7 +48,10 @@ def load_draft(head_dir: str | Path, target_model, *, device=None, dtype=None) -
     dev = device if device is not None else emb.device
     # Drop the freshly initialised [V, h] matrix before converting, then share the target's.
     model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device=torch.device("cpu")), requires_grad=False)
-    model.to(device=dev, dtype=dtype or torch.float32).eval()
+    # The head computes in the target's dtype (bf16 where that is the fast one); RoPE stays fp32.
+    rotary = model.rotary_buffers()
+    model.to(device=dev, dtype=dtype or emb.dtype).eval()
+    model.restore_rotary_buffers(rotary)
     share_target_embedding(model, emb, dev)
     return model
 

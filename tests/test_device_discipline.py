@@ -98,17 +98,17 @@ def test_load_draft_shares_the_target_embedding(tmp_path, tiny_llama_dir, head):
     d = save_head(tmp_path / "head", head.head_state_dict(), head.config)
     tgt = tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16).eval()
     emb = tgt.get_input_embeddings().weight
-    m = load_draft(d, tgt)
+    m = load_draft(d, tgt, dtype=torch.float32)
     assert m.embed_tokens.weight.dtype == torch.bfloat16
     assert m.embed_tokens.weight.data_ptr() == emb.data_ptr()
     big = [k for k, t in m.state_dict().items() if t.shape == emb.shape and t.dtype == torch.float32]
     assert big == ["lm_head.weight"]  # full-vocab head in this test; no embedding copy
-    assert m.fc.weight.dtype == torch.float32  # the head itself stays in its dtype
+    assert m.fc.weight.dtype == torch.float32  # the head itself stays in the dtype asked for
     # the target's weight is untouched by moving the head
     m.to(torch.float64)
     assert emb.dtype == torch.bfloat16 and m.embed_tokens.weight.dtype == torch.float64
     ids = torch.tensor([[3, 9, 27]])
-    m2 = load_draft(d, tgt)
+    m2 = load_draft(d, tgt, dtype=torch.float32)
     want = (emb.detach().float()[ids] * m2.embed_scale).to(torch.float32)
     torch.testing.assert_close(m2.embed(ids), want, rtol=0, atol=0)
 

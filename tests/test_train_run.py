@@ -263,3 +263,19 @@ def test_bad_configs(cache, tmp_path):
     p = run(train_cmd(bad), timeout=120, ok=False)
     assert p.returncode == 1 and "error: train.draft_vocab_size 1000 is larger" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_bf16_compute_trains_and_offline_metrics_reproduce_it(cache, tmp_path):
+    """train.compute_dtype=bfloat16: the run says so, the head records it, and stage 3's offline
+    metrics evaluate in the same precision (they reproduce the training's held-out table)."""
+    cfg = write_cfg(tmp_path / "c.yaml", cache, tmp_path / "head", max_steps=30, eval_every=15,
+                    compute_dtype="bfloat16")
+    p = run(train_cmd(cfg))
+    assert "float32 weights, bfloat16 compute" in p.stdout
+    config, tensors = load_head(tmp_path / "head")
+    assert config["training"]["compute_dtype"] == "bfloat16"
+    held = config["training"]["heldout"]
+    m = offline_metrics(tmp_path / "head", cache, split="val")
+    np.testing.assert_allclose(m["acc"], held["acc"], atol=1e-9)
+    rows = [json.loads(ln) for ln in (tmp_path / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])

@@ -1,0 +1,119 @@
+"""Issue 13's bf16 fast paths: `auto` follows the CPU's native bf16, the head trains under bf16
+autocast over fp32 weights, and stage 3's head computes in the target's dtype with fp32 RoPE."""
+import copy
+
+import pytest
+import torch
+
+from schemas.config import TargetConfig
+from schemas.target import TargetError, cpu_native_bf16, pick_dtype
+from stage2_train.losses import ttt_forward
+from stage2_train.precision import compute_context, resolve_compute_dtype
+from test_train_unit import tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("flag,want", [("1", torch.bfloat16), ("0", torch.float32)])
+def test_auto_target_dtype_follows_the_cpu(monkeypatch, flag, want):
+    monkeypatch.setenv("EAGLE3_CPU_BF16", flag)
+    assert pick_dtype(TargetConfig(path="x"), CPU) == want
+    assert pick_dtype(TargetConfig(path="x", dtype="float32"), CPU) == torch.float32
+    assert pick_dtype(TargetConfig(path="x"), torch.device("cuda")) == torch.bfloat16
+
+
+def test_the_probe_reads_avx512_bf16_and_amx(monkeypatch):
+    monkeypatch.delenv("EAGLE3_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not cpu_native_bf16()
+    assert pick_dtype(TargetConfig(path="x"), CPU) == torch.float32
+
+
+def test_a_bad_override_is_named(monkeypatch):
+    monkeypatch.setenv("EAGLE3_CPU_BF16", "yes")
+    with pytest.raises(TargetError, match=r"^EAGLE3_CPU_BF16='yes': expected 0 or 1$"):
+        pick_dtype(TargetConfig(path="x"), CPU)
+
+
+def test_compute_dtype_resolution(monkeypatch):
+    monkeypatch.setenv("EAGLE3_CPU_BF16", "1")
+    assert resolve_compute_dtype("auto", CPU, "float32") == torch.bfloat16
+    assert resolve_compute_dtype("float32", CPU, "float32") is None
+    assert resolve_compute_dtype("auto", CPU, "bfloat16") is None      # bf16 DeepSpeed weights: no autocast
+    monkeypatch.setenv("EAGLE3_CPU_BF16", "0")
+    assert resolve_compute_dtype("auto", CPU, "float32") is None
+    assert resolve_compute_dtype("bfloat16", CPU, "float32") == torch.bfloat16
+
+
+def random_batch(L=48, n_draft=16, K=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t_idx = torch.randint(0, n_draft, (1, L, K), generator=g)
+    t_prob = torch.softmax(torch.randn(1, L, K, generator=g) * 2, -1)
+    mask = torch.rand(1, L, generator=g) < 0.8
+    return {"input_ids": torch.randint(100, 100 + n_draft, (1, L), generator=g), "loss_mask": mask,
+            "valid": torch.ones(1, L, dtype=torch.bool), "t_idx": t_idx, "t_prob": t_prob,
+            "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
+
+
+def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_state():
+    m32 = tiny_model()
+    mbf = copy.deepcopy(m32)
+    b = random_batch()
+    o32 = ttt_forward(m32, b, 3)
+    o32.loss.backward()
+    seen = []
+    mbf.lm_head.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    mbf.midlayer.self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    with compute_context(CPU, torch.bfloat16):
+        obf = ttt_forward(mbf, b, 3)
+    obf.loss.backward()
+    assert set(seen) == {torch.bfloat16}                          # the matmuls ran in bf16
+    assert obf.loss.dtype == torch.float32
+    for (n, p32), (_, pbf) in zip(m32.named_parameters(), mbf.named_parameters()):
+        assert pbf.dtype == torch.float32, n                      # weights stay fp32 (AdamW updates them)
+        if p32.grad is None:
+            continue
+        assert pbf.grad.dtype == torch.float32, n
+        cos = torch.nn.functional.cosine_similarity(p32.grad.flatten(), pbf.grad.flatten(), dim=0)
+        assert cos > 0.99, (n, float(cos))
+    assert all(b_.dtype == torch.float32 for b_ in mbf.rotary.buffers())
+    assert obf.loss.item() == pytest.approx(o32.loss.item(), rel=2e-2)
+
+
+def test_stage3_head_computes_in_the_target_dtype_with_fp32_rope(tmp_path, tiny_llama_dir):
+    import transformers as tf
+
+    from schemas.head import save_head
+    from spec_helpers import make_head
+    from stage3_eval.draft_runner import load_draft
+
+    tgt = tf.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16).eval()
+    head = make_head(tgt.float())
+    tgt = tgt.to(torch.bfloat16)
+    d = save_head(tmp_path / "head", head.head_state_dict(), head.config)
+    mbf = load_draft(d, tgt)
+    m32 = load_draft(d, tgt, dtype=torch.float32)
+    assert mbf.fc.weight.dtype == mbf.lm_head.weight.dtype == torch.bfloat16
+    assert {b.dtype for b in mbf.rotary.buffers()} == {torch.float32}
+    H = tgt.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(1, 6, 3 * H, generator=g)
+    ids = torch.randint(0, tgt.config.vocab_size, (1, 6), generator=g)
+    pos = torch.arange(200, 206)[None]                           # far positions: a bf16 RoPE would drift
+    with torch.no_grad():
+        o32, _ = m32.step(m32.fuse(hid), ids, pos)
+        obf, _ = mbf.step(mbf.fuse(hid.to(torch.bfloat16)), ids, pos)
+        l32, lbf = m32.logits(o32), mbf.logits(obf).float()
+    assert (lbf - l32).abs().max() < 0.1 * l32.abs().max()
+    assert (lbf.argmax(-1) == l32.argmax(-1)).float().mean() >= 0.8
