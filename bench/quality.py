@@ -101,13 +101,15 @@ class Sizes:
     answer_tokens: int = 192          # data.regenerate.max_new_tokens
     max_length: int = 1024
     micro_batch: int = 8              # samples per step (<= train.max_tokens_per_batch tokens)
-    sweep_steps: int = 80             # each sweep point: this many steps (~8 min on 2 cores)
+    sweep_steps: int = 0              # each sweep point: this many steps; 0 = no sweep (--sweep: 80)
     sweep_grid: dict = field(default_factory=lambda: {
         "train.lr": [1e-3, 3e-3],
         "train.draft_vocab_size": [8000, 16000],
     })
-    ttt: int = 7
-    final_epochs: int = 3
+    ttt: int = 5                      # tree depth 5 and chain k=3 read TTT steps 0..4 only
+    final_epochs: int = 6
+    lr: float = 1e-3                  # without a sweep
+    draft_vocab: int = 8000
     eval_prompts: int = 20
     eval_new_tokens: int = 128
     tree: tuple = (4, 5, 16)          # top_k, depth, total_tokens
@@ -215,7 +217,8 @@ train:
   output: {run}/head
   draft_vocab_size: {vocab}
   ttt_length: {ttt}
-  deepspeed: configs/deepspeed/cpu_fp32.json    # the head trains in fp32 (bf16 training: another branch)
+  deepspeed: configs/deepspeed/cpu_fp32.json    # fp32 weights + AdamW
+  compute_dtype: auto                           # bf16 autocast where the CPU has native bf16
   lr: {lr}
   epochs: {epochs}
   max_steps: {max_steps}
@@ -253,9 +256,9 @@ def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | 
         regen_batch=256 if engine == "vllm" else 16,
         mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
         max_length=sz.max_length, answer_tokens=sz.answer_tokens,
-        vocab=p.get("train.draft_vocab_size", 8000), ttt=p.get("train.ttt_length", sz.ttt),
-        lr=p.get("train.lr", 1e-3), epochs=sz.final_epochs if final else 1,
-        max_steps="null" if final else sz.sweep_steps, micro_batch=sz.micro_batch,
+        vocab=p.get("train.draft_vocab_size", sz.draft_vocab), ttt=p.get("train.ttt_length", sz.ttt),
+        lr=p.get("train.lr", sz.lr), epochs=sz.final_epochs if final else 1,
+        max_steps="null" if final else max(sz.sweep_steps, 1), micro_batch=sz.micro_batch,
         eval_every=50 if quick else 200, eval_new_tokens=sz.eval_new_tokens, eval_prompts=sz.eval_prompts,
         top_k=sz.tree[0], depth=sz.tree[1], total=sz.tree[2], grid=grid)
 
@@ -389,6 +392,13 @@ def quality_table(reports: dict[str, dict], sweep: dict, point: dict, head: Path
                 + " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
                 + f" | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | {_f(m['spec_tokens_per_s'], '{:.1f}')} | "
                   f"{_f(m['speedup'], '{:.2f}×')} | {ll} |")
+        v = rep.get("vllm") or {}
+        for h in v.get("heads", []):
+            lines.append(
+                f"| {set_name} ({h.get('num_prompts', '')}) | chain, vLLM {v.get('version', '')} | – | – | – | – | "
+                f"{_f(h['mean_acceptance_length'])} | " + " ".join(_f(a, "{:.2f}") for a in h["acceptance_per_pos"])
+                + f" (P≥d) | {_f(h['baseline_tokens_per_s'], '{:.1f}')} | {_f(h['spec_tokens_per_s'], '{:.1f}')} | "
+                  f"{_f(h['speedup'], '{:.2f}×')} | {'yes' if h['identical'] else 'NO'} |")
     lines += ["", sweep.get("markdown", "").strip()]
     return "\n".join(lines) + "\n"
 
@@ -464,12 +474,21 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default=None, help="default runs/quality (runs/quality-quick with --quick)")
     ap.add_argument("--nice", type=int, default=10, help="niceness of this process and its children")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands only")
+    ap.add_argument("--sweep", action="store_true", help="sweep lr x draft vocab (80 steps a point) before the "
+                                                           "final training (default: lr 1e-3, vocab 8000)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the final training (default 6)")
+    ap.add_argument("--eval-engine", default="hf", choices=["hf", "both"],
+                    help="both: the bf16 MT-bench evaluation also runs the exported head in vLLM")
     a = ap.parse_args(argv)
     if not DATA.is_dir():
         raise SystemExit(f"quality: {DATA} is absent (the shared data sets are needed)")
     if a.nice:
         os.nice(a.nice)
     sz = Sizes.quick() if a.quick else Sizes()
+    if a.sweep and not sz.sweep_steps:
+        sz.sweep_steps = 80
+    if a.epochs:
+        sz.final_epochs = a.epochs
     a.dtype = a.dtype or default_dtype()
     a.threads = a.threads or default_threads()
     a.eval_dtypes = a.eval_dtypes or ("float32,bfloat16" if default_dtype() == "bfloat16" else "float32")
@@ -497,12 +516,17 @@ def main(argv=None) -> int:
     # 1. regenerate, extract (one cache; separate calls so each has its own CPU time), the sweep
     d.cli("run", str(sweep_cfg), "--stages", "regenerate", "--no-progress")
     d.cli("run", str(sweep_cfg), "--stages", "extract", "--no-progress")
-    d.cli("sweep", str(sweep_cfg), "--no-progress")
+    if sz.sweep_steps:
+        d.cli("sweep", str(sweep_cfg), "--no-progress")
     if a.dry_run:
         print("\n(dry run: the final training and the evaluations follow the sweep's best point)")
         return 0
-    point, sweep = best_point(run, sz)
-    print(f"[quality] best sweep point: {point}", flush=True)
+    if sz.sweep_steps:
+        point, sweep = best_point(run, sz)
+        print(f"[quality] best sweep point: {point}", flush=True)
+    else:
+        point = {"train.lr": sz.lr, "train.draft_vocab_size": sz.draft_vocab}
+        sweep = {"markdown": f"(no sweep: lr {sz.lr}, draft vocab {sz.draft_vocab}; `--sweep` runs one)"}
 
     # 2. the best point trained to convergence (the head kept is the best held-out step)
     final_cfg = run / "final.yaml"
@@ -518,8 +542,10 @@ def main(argv=None) -> int:
     for dt in a.eval_dtypes.split(","):
         for set_name, f, offline in (("MT-bench", "eval_mtbench.jsonl", True), ("GSM8K", "eval_gsm8k.jsonl", False)):
             out = run / f"eval-{f.split('_')[1].split('.')[0]}-{dt}"
+            both = a.eval_engine == "both" and dt == "bfloat16" and set_name == "MT-bench"
             d.cli("eval", str(final_cfg), f"eval.prompts=[{run / f}]", f"eval.output={out}", f"target.dtype={dt}",
-                  f"eval.offline={str(offline).lower()}", "--threads", str(a.threads))
+                  f"eval.offline={str(offline).lower()}", "--threads", str(a.threads),
+                  *(["--engine", "both"] if both else []))
             reports[f"{set_name}, target {dt}"] = json.loads((out / "report.json").read_text())
     md = quality_table(reports, sweep, point, run / "head") + "\n" + rates(run, sz, d.calls)
     times = stage_times(run)
