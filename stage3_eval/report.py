@@ -78,6 +78,7 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
         "acceptance_by_depth": by_depth,
         "accept_length_hist": hist,
         **speed_fields(base_new, base_s, new, spec_s),
+        "cycle_cost": cycle_cost(base_new, base_s, passes, spec_s),
         "lossless": (len(mism) == ties) if checked else None,
         "lossless_failures": (len(mism) - ties) if checked else None,
         "lossless_ties": ties if checked else None,
@@ -85,6 +86,31 @@ def summarize(method: str, runs: list[dict], depth: int) -> dict:
         "per_prompt": [{k: r[k] for k in ("id", "turn", "new_tokens", "passes", "wall_s", "base_wall_s", "match")}
                        for r in runs],
     }
+
+
+def cycle_cost(base_new: int, base_s: float, passes: int, spec_s: float) -> Optional[float]:
+    """Wall time of one speculative cycle (drafting + one target pass) in plain greedy steps.
+
+    speed-up = τ / cycle_cost exactly, so this is the τ a head must beat to gain anything.
+    """
+    if not (base_new and base_s > 0 and passes and spec_s > 0):
+        return None
+    return (spec_s / passes) / (base_s / base_new)
+
+
+def cost_lines(report: dict) -> list[str]:
+    """Why each speed-up is what it is: the measured cost of a cycle against τ."""
+    lines = []
+    for h in report["heads"]:
+        for m in h["methods"]:
+            c, tau, sp = m.get("cycle_cost"), m.get("tau"), m.get("speedup")
+            if c is None or tau is None or sp is None:
+                continue
+            verdict = "a gain" if sp >= 1 else f"a loss: a gain needs τ > {c:.2f}"
+            lines.append(f"* {h.get('name', h['head'])} {m['method']}: one cycle (drafting + one target pass "
+                         f"over the drafted tokens) costs {c:.2f}× a plain greedy step, so the speed-up is "
+                         f"τ / {c:.2f} = {tau:.3f} / {c:.2f} = {sp:.2f}×, {verdict}.")
+    return ["", "### Cost of a cycle", ""] + lines if lines else []
 
 
 def _mismatch_fields(d) -> dict:
@@ -183,6 +209,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {m['method']} | {m['num_prompts']} | {m['new_tokens']} | "
                          f"{m['target_forward_passes']} | {_f(m['tau'])} | {acc} | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | "
                          f"{_f(m['spec_tokens_per_s'], '{:.1f}')} | {_f(m['speedup'], '{:.2f}×')} | {_lossless_cell(m)} |")
+    lines += cost_lines(report)
     for h in report["heads"]:
         if h.get("offline") is not None:
             lines += ["", f"## {h.get('name', h['head'])}", "", offline_markdown(h["offline"])]

@@ -9,7 +9,7 @@ import torch
 from spec_helpers import fit_head, greedy_reference, make_head
 from stage3_eval.offline import offline_markdown
 from stage3_eval.prompts import PromptError, load_prompts, render
-from stage3_eval.report import REQUIRED, summarize
+from stage3_eval.report import REQUIRED, markdown, summarize
 from tiny import write_jsonl
 
 
@@ -89,6 +89,12 @@ def test_summarize_hand_computed():
     assert s["accept_length_hist"] == [2, 2, 0, 2]
     assert s["baseline_tokens_per_s"] == 13 / 4 and s["spec_tokens_per_s"] == 12 / 2
     assert s["speedup"] == pytest.approx((12 / 2) / (13 / 4))
+    # a cycle: 2 s / 6 passes; a plain step: 4 s / 13 tokens; speed-up = τ / cycle cost
+    assert s["cycle_cost"] == pytest.approx((2 / 6) / (4 / 13))
+    assert s["speedup"] == pytest.approx(s["tau"] / s["cycle_cost"])
+    md = markdown({"heads": [{"head": "h", "name": "h", "methods": [s]}]})
+    assert ("* h chain: one cycle (drafting + one target pass over the drafted tokens) costs 1.08× a plain greedy "
+            "step, so the speed-up is τ / 1.08 = 2.000 / 1.08 = 1.85×, a gain.") in md
     assert s["lossless"] is False and s["mismatched_prompts"] == [{"id": "b", "turn": 1, "first_mismatch": 2}]
 
 
