@@ -406,14 +406,16 @@ def stage_times(run: Path) -> list[str]:
 
 
 def default_dtype() -> str:
-    """bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX: bf16 matmuls cost the same
-    for 1 and 4 rows, and half of fp32's), else the target's auto (fp32 on CPU, bf16 on GPU)."""
+    """bfloat16 where the CPU computes it natively (schemas.target.cpu_native_bf16), else the
+    target's auto (fp32 on such CPUs, bf16 on GPU)."""
     import torch
+
+    sys.path.insert(0, str(ROOT))
+    from schemas.target import cpu_native_bf16
 
     if torch.cuda.is_available():
         return "auto"
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bfloat16" if any(p() for p in probes if p) else "auto"
+    return "bfloat16" if cpu_native_bf16() else "auto"
 
 
 def default_threads() -> int:

@@ -14,12 +14,7 @@ from test_train_unit import tiny_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("flag,want", [("1", torch.bfloat16), ("0", torch.float32)])
