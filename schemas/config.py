@@ -127,6 +127,12 @@ class TrainConfig(_Section):
     draft_vocab_size: int = Field(32000, gt=0)
     ttt_length: int = Field(7, gt=0)
     loss_decay: float = Field(0.8, gt=0.0)
+    loss: Literal["ce", "tv", "lk_alpha", "lk_lambda"] = Field(
+        "ce", description="per-position objective (stage2_train/objectives.py): ce = soft cross-entropy against "
+                          "the target restricted to the draft vocab; tv = 1 - alpha; lk_alpha = -log alpha; "
+                          "lk_lambda = lambda*KL + (1-lambda)*TV, lambda = exp(-lk_eta*sg(alpha)); alpha = the "
+                          "expected acceptance sum_v min(p_v, q_v) over the cached top-K")
+    lk_eta: float = Field(3.0, ge=0.0, allow_inf_nan=False, description="lk_lambda: eta (0 = KL, large = TV)")
     deepspeed: str = "configs/deepspeed/cpu_fp32.json"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="bfloat16 = the head's forward under bf16 autocast (weights, gradients and AdamW "

@@ -278,3 +278,20 @@ def test_bad_objective_and_eta():
     for eta in (-1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="lk_eta must be a finite number >= 0"):
             check_objective("lk_lambda", eta)
+
+
+def test_config_keys():
+    import typing
+
+    from schemas.config import ConfigError, TrainConfig, load_config
+
+    assert typing.get_args(TrainConfig.model_fields["loss"].annotation) == OBJECTIVES
+    raw = {"target": {"path": "t"}}
+    c = load_config(raw=raw, overrides=["train.loss=lk_lambda", "train.lk_eta=0"])
+    assert (c.train.loss, c.train.lk_eta) == ("lk_lambda", 0.0)
+    assert (load_config(raw=raw).train.loss, load_config(raw=raw).train.lk_eta) == ("ce", 3.0)
+    with pytest.raises(ConfigError, match=r"'train.loss': Input should be 'ce', 'tv', 'lk_alpha' or 'lk_lambda'"):
+        load_config(raw=raw, overrides=["train.loss=kl"])
+    for bad, msg in ((".inf", "finite number"), (".nan", "finite number"), ("-1", "greater than or equal to 0")):
+        with pytest.raises(ConfigError, match=f"'train.lk_eta': Input should be (a )?{msg}"):
+            load_config(raw=raw, overrides=[f"train.lk_eta={bad}"])
