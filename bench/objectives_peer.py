@@ -55,17 +55,16 @@ def specforge_rows(lk, draft, p_on_draft, p_renorm, eta):
     for kind in ("alpha", "lambda"):
         losses, grads = [], []
         for r in range(draft.shape[0]):
-            def fn(x, r=r):
-                logits = x[r][None, None]                         # [1, 1, N]
+            def fn(x, r=r):                                       # x: [1, N], row r
                 mask = torch.ones(1, 1, 1)
-                acc, log_acc = lk.compute_acceptance_rate(logits=logits, target_probs=p_on_draft[r][None, None],
+                acc, log_acc = lk.compute_acceptance_rate(logits=x[None], target_probs=p_on_draft[r][None, None],
                                                           position_mask=mask)
-                soft_ce = -(p_renorm[r] * torch.log_softmax(x[r].float(), -1)).sum()
+                soft_ce = -(p_renorm[r] * torch.log_softmax(x[0].float(), -1)).sum()
                 return lk.compute_lk_loss(kl_loss=soft_ce, acceptance_rate=acc, log_acceptance_rate=log_acc,
                                           lk_loss_type=kind, kl_scale=1.0, kl_decay=eta)
-            loss, g = with_grad(fn, draft)
+            loss, g = with_grad(fn, draft[r:r + 1])
             losses.append(loss)
-            grads.append(g[r])
+            grads.append(g[0])
         out[f"specforge_{kind}"] = (np.array(losses, dtype=np.float32), np.stack(grads))
     # the acceptance SpecForge logs: Σ_D min(p, q) with p not renormalised
     q = torch.softmax(draft.float(), -1)
