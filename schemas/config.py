@@ -175,7 +175,14 @@ class EvalConfig(_Section):
     top_k: int = Field(4, gt=0, description="tree: children expanded per frontier node")
     depth: int = Field(5, gt=0, description="tree: drafting steps")
     total_tokens: int = Field(24, gt=0, description="tree: nodes verified per cycle")
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    temperatures: Optional[list[float]] = Field(
+        None, min_length=1, description="decode at each of these temperatures (e.g. [0, 0.7, 1.0]); "
+                                        "default: [temperature]")
+    lossless_runs: int = Field(100, ge=0, description="T > 0: seeded runs per prefix of the sampling lossless "
+                                                      "check (stage3_eval/sampling_check.py); 0 = off")
+    lossless_prefixes: int = Field(2, gt=0, description="T > 0: prompts (first turns) the check starts from")
+    lossless_tokens: int = Field(8, ge=2, description="T > 0: tokens per run of the check")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repeats: int = Field(1, gt=0)
     warmup: int = Field(1, ge=0)
@@ -185,6 +192,17 @@ class EvalConfig(_Section):
     engine: Literal["hf", "vllm", "both"] = Field(
         "hf", description="hf = our stage-3 decoding; vllm = the exported head in vLLM (chain of draft_tokens); "
                           "both = the two, side by side in one report")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None:
+            bad = [t for t in v if not (t >= 0 and t < float("inf"))]
+            if bad:
+                raise ValueError(f"temperatures must be finite numbers >= 0, got {bad}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"temperatures must not repeat, got {v}")
+        return v
 
 
 class VllmConfig(_Section):
@@ -272,6 +290,11 @@ class RunConfig(_Section):
     def heads(self) -> list[str]:
         h = self.eval.head or self.train.output
         return [h] if isinstance(h, str) else list(h)
+
+    @property
+    def eval_temperatures(self) -> list[float]:
+        t = self.eval.temperatures
+        return [float(x) for x in t] if t is not None else [float(self.eval.temperature)]
 
     @property
     def eval_methods(self) -> list[str]:
