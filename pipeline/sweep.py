@@ -104,9 +104,11 @@ def point_row(cfg: RunConfig, point: dict[str, Any]) -> dict:
     if rp.is_file():
         rep = json.loads(rp.read_text())
         for mth in rep["heads"][0]["methods"]:
-            row[f"tau_{mth['method']}"] = mth["tau"]
-            row[f"speedup_{mth['method']}"] = mth["speedup"]
-            row[f"lossless_{mth['method']}"] = mth["lossless"]
+            T = mth.get("temperature") or 0  # eval.temperatures: one row per temperature; T > 0 gets a suffix
+            key = mth["method"] + (f"_T{T:g}" if T else "")
+            row[f"tau_{key}"] = mth["tau"]
+            row[f"speedup_{key}"] = mth["speedup"]
+            row[f"lossless_{key}"] = mth["lossless"]
     return row
 
 

@@ -127,6 +127,12 @@ class TrainConfig(_Section):
     draft_vocab_size: int = Field(32000, gt=0)
     ttt_length: int = Field(7, gt=0)
     loss_decay: float = Field(0.8, gt=0.0)
+    loss: Literal["ce", "tv", "lk_alpha", "lk_lambda"] = Field(
+        "ce", description="per-position objective (stage2_train/objectives.py): ce = soft cross-entropy against "
+                          "the target restricted to the draft vocab; tv = 1 - alpha; lk_alpha = -log alpha; "
+                          "lk_lambda = lambda*KL + (1-lambda)*TV, lambda = exp(-lk_eta*sg(alpha)); alpha = the "
+                          "expected acceptance sum_v min(p_v, q_v) over the cached top-K")
+    lk_eta: float = Field(3.0, ge=0.0, allow_inf_nan=False, description="lk_lambda: eta (0 = KL, large = TV)")
     deepspeed: str = "configs/deepspeed/cpu_fp32.json"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="bfloat16 = the head's forward under bf16 autocast (weights, gradients and AdamW "
@@ -169,7 +175,14 @@ class EvalConfig(_Section):
     top_k: int = Field(4, gt=0, description="tree: children expanded per frontier node")
     depth: int = Field(5, gt=0, description="tree: drafting steps")
     total_tokens: int = Field(24, gt=0, description="tree: nodes verified per cycle")
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    temperatures: Optional[list[float]] = Field(
+        None, min_length=1, description="decode at each of these temperatures (e.g. [0, 0.7, 1.0]); "
+                                        "default: [temperature]")
+    lossless_runs: int = Field(100, ge=0, description="T > 0: seeded runs per prefix of the sampling lossless "
+                                                      "check (stage3_eval/sampling_check.py); 0 = off")
+    lossless_prefixes: int = Field(2, gt=0, description="T > 0: prompts (first turns) the check starts from")
+    lossless_tokens: int = Field(8, ge=2, description="T > 0: tokens per run of the check")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repeats: int = Field(1, gt=0)
     warmup: int = Field(1, ge=0)
@@ -179,6 +192,17 @@ class EvalConfig(_Section):
     engine: Literal["hf", "vllm", "both"] = Field(
         "hf", description="hf = our stage-3 decoding; vllm = the exported head in vLLM (chain of draft_tokens); "
                           "both = the two, side by side in one report")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None:
+            bad = [t for t in v if not (t >= 0 and t < float("inf"))]
+            if bad:
+                raise ValueError(f"temperatures must be finite numbers >= 0, got {bad}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"temperatures must not repeat, got {v}")
+        return v
 
 
 class VllmConfig(_Section):
@@ -266,6 +290,11 @@ class RunConfig(_Section):
     def heads(self) -> list[str]:
         h = self.eval.head or self.train.output
         return [h] if isinstance(h, str) else list(h)
+
+    @property
+    def eval_temperatures(self) -> list[float]:
+        t = self.eval.temperatures
+        return [float(x) for x in t] if t is not None else [float(self.eval.temperature)]
 
     @property
     def eval_methods(self) -> list[str]:

@@ -14,6 +14,12 @@ top-1 logit's magnitude) of its top-1 logit: batched verification and one-token
 decoding round differently in bf16 (ulp 0.125 at a logit of 20, so a tie is a gap
 of <= 0.5 there; in fp32 the same rule allows ~8e-6), and a near-tied argmax may
 flip. Ties are counted and listed, not failures; anything else is a failure.
+Sampling (every T > 0 of `eval.temperatures`): token identity means nothing there; the
+lossless column is the sampling check of stage3_eval/sampling_check.py instead (from the first
+`eval.lossless_prefixes` prompts, `eval.lossless_runs` seeded runs each: the tokens after the
+first follow the target's distribution, chi-square test at level 1e-3, with its power). The
+baseline at temperature T is plain sampling at T on the same path, so speed-ups compare like
+with like.
 Before any decoding with tree methods, the tree-verification path is checked
 against sequential decoding (TargetRunner.check_tree_verify) and eval refuses to
 run when they disagree.
@@ -31,16 +37,18 @@ from stage3_eval.draft_runner import DraftRunner, head_layer_ids, load_draft
 from stage3_eval.offline import offline_table
 from stage3_eval.prompts import load_prompts, render
 from stage3_eval.report import first_mismatch, summarize, write_report
+from stage3_eval.sampling_check import sampling_check
 from stage3_eval.spec_decode import DecodeSettings, generate
 from stage3_eval.target_runner import TargetRunner
 from stage3_eval.vllm_engine import run_vllm_eval
 
 
-def settings_for(cfg, method: str) -> DecodeSettings:
+def settings_for(cfg, method: str, temperature: float | None = None) -> DecodeSettings:
     e = cfg.eval
     return DecodeSettings(method=method, draft_tokens=e.draft_tokens, top_k=e.top_k, depth=e.depth,
                           total_tokens=e.total_tokens, max_new_tokens=e.max_new_tokens,
-                          temperature=e.temperature, top_p=e.top_p)
+                          temperature=cfg.eval_temperatures[0] if temperature is None else temperature,
+                          top_p=e.top_p)
 
 
 def _eos_ids(tok, model) -> set[int]:
@@ -112,75 +120,121 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
         drafts.append((h, DraftRunner(d), TargetRunner(model, head_layer_ids(d))))
     base_runner = TargetRunner(model, None)
     eos = _eos_ids(tok, model)
-    base_s = settings_for(cfg, "plain")
-    sampling = e.temperature > 0
+    temps = cfg.eval_temperatures
     gen = torch.Generator(device=base_runner.device).manual_seed(e.seed)
     tree_check = None
     if prompts and "tree" in methods:  # refuses (TargetRunError) when tree masks are not honoured
         tree_check = base_runner.check_tree_verify(render(tok, [{"role": "user", "content": prompts[0].turns[0]}]))
         for _, _, tr in drafts:  # the same model: the same mask convention
             tr.mask_convention = base_runner.mask_convention
+    run = _Decoding(cfg, tok, eos, gen, base_runner, drafts, methods)
+    if prompts and e.warmup:
+        run.warm_up(prompts[0])
+    total = sum(len(p.turns) for p in prompts) * len(temps)
+    bar = _bar(progress, total, "eval prompts", "turn")
+    records: dict[tuple[int, str, float], list[dict]] = {}
+    for T in temps:
+        for p in prompts:
+            run.conversation(p, T, records, bar)
+    if bar is not None:
+        bar.close()
+    checks = _sampling_checks(cfg, tok, drafts, methods, prompts, progress)
+    return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
+                   target_dtype=base_runner.dtype, tree_check=tree_check, checks=checks)
 
-    def timed(runner, drafter, ids, s):
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    if not progress or not total:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+class _Decoding:
+    """The baseline and every head/method on the same prompts, interleaved (module docstring)."""
+
+    def __init__(self, cfg, tok, eos, gen, base_runner, drafts, methods):
+        self.cfg, self.tok, self.eos, self.gen = cfg, tok, eos, gen
+        self.base_runner, self.drafts, self.methods = base_runner, drafts, methods
+
+    def timed(self, runner, drafter, ids, s):
         best = None
-        for _ in range(e.repeats):
-            r = generate(runner, drafter, ids, s, eos_ids=eos, gen=gen)
+        for _ in range(self.cfg.eval.repeats):
+            r = generate(runner, drafter, ids, s, eos_ids=self.eos, gen=self.gen)
             if best is None or r.wall_s < best.wall_s:
                 best = r
         return best
 
-    # warm-up: first prompt, every configuration, untimed
-    if prompts and e.warmup:
-        ids = render(tok, [{"role": "user", "content": prompts[0].turns[0]}])
-        for _ in range(e.warmup):
-            generate(base_runner, None, ids, base_s, eos_ids=eos, gen=gen)
-            for _, dr, tr in drafts:
-                for m in methods:
-                    generate(tr, dr, ids, settings_for(cfg, m), eos_ids=eos, gen=gen)
+    def warm_up(self, prompt):
+        """First prompt, every configuration, untimed."""
+        ids = render(self.tok, [{"role": "user", "content": prompt.turns[0]}])
+        for _ in range(self.cfg.eval.warmup):
+            for T in self.cfg.eval_temperatures:
+                generate(self.base_runner, None, ids, settings_for(self.cfg, "plain", T), eos_ids=self.eos,
+                         gen=self.gen)
+                for _, dr, tr in self.drafts:
+                    for m in self.methods:
+                        generate(tr, dr, ids, settings_for(self.cfg, m, T), eos_ids=self.eos, gen=self.gen)
 
-    records: dict[tuple[int, str], list[dict]] = {(i, m): [] for i in range(len(heads)) for m in methods}
-    total = sum(len(p.turns) for p in prompts)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="eval prompts", unit="turn")
-    for p in prompts:
+    def conversation(self, p, T: float, records: dict, bar) -> None:
+        """Every turn of prompt p at temperature T; turn t+1 follows the baseline's answer to turn t."""
         messages: list[dict] = []
         for turn, text in enumerate(p.turns):
             messages.append({"role": "user", "content": text})
-            ids = render(tok, messages)
-            base = timed(base_runner, None, ids, base_s)
-            for hi, (_, dr, tr) in enumerate(drafts):
-                for m in methods:
-                    r = timed(tr, dr, ids, settings_for(cfg, m))
-                    match = None if sampling else (r.tokens == base.tokens)
-                    first = None if match in (None, True) else first_mismatch(r.tokens, base.tokens)
-                    records[(hi, m)].append({
-                        "id": p.id, "turn": turn + 1, "new_tokens": r.new_tokens, "passes": r.forward_passes,
-                        "accept_lengths": r.accept_lengths, "drafted_depths": r.drafted_depths,
-                        "wall_s": r.wall_s, "base_new_tokens": base.new_tokens, "base_wall_s": base.wall_s,
-                        "match": match, "first_mismatch": first,
-                        "mismatch": None if first is None
-                        else mismatch_detail(base_runner, ids, base.tokens, r.tokens, first)})
-            answer = base.tokens[:-1] if base.tokens and base.tokens[-1] in eos else base.tokens
-            messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
+            ids = render(self.tok, messages)
+            base = self.timed(self.base_runner, None, ids, settings_for(self.cfg, "plain", T))
+            for hi, (_, dr, tr) in enumerate(self.drafts):
+                for m in self.methods:
+                    r = self.timed(tr, dr, ids, settings_for(self.cfg, m, T))
+                    records.setdefault((hi, m, T), []).append(self.record(p, turn, ids, r, base, T))
+            answer = base.tokens[:-1] if base.tokens and base.tokens[-1] in self.eos else base.tokens
+            messages.append({"role": "assistant",
+                             "content": self.tok.decode(answer, skip_special_tokens=True).strip()})
             if bar is not None:
                 bar.update(1)
+
+    def record(self, p, turn: int, ids, r, base, T: float) -> dict:
+        match = None if T > 0 else (r.tokens == base.tokens)
+        first = None if match in (None, True) else first_mismatch(r.tokens, base.tokens)
+        return {"id": p.id, "turn": turn + 1, "new_tokens": r.new_tokens, "passes": r.forward_passes,
+                "accept_lengths": r.accept_lengths, "drafted_depths": r.drafted_depths,
+                "wall_s": r.wall_s, "base_new_tokens": base.new_tokens, "base_wall_s": base.wall_s,
+                "match": match, "first_mismatch": first,
+                "mismatch": None if first is None
+                else mismatch_detail(self.base_runner, ids, base.tokens, r.tokens, first)}
+
+
+def _sampling_checks(cfg, tok, drafts, methods, prompts, progress) -> dict:
+    """(head, method, T) -> the sampling lossless check, for every T > 0 (eval.lossless_runs > 0)."""
+    e = cfg.eval
+    temps = [T for T in cfg.eval_temperatures if T > 0]
+    if not (temps and prompts and e.lossless_runs):
+        return {}
+    prefixes = [render(tok, [{"role": "user", "content": p.turns[0]}]) for p in prompts[:e.lossless_prefixes]]
+    bar = _bar(progress, len(drafts) * len(methods) * len(temps) * len(prefixes) * e.lossless_runs,
+               "sampling lossless check", "run")
+    out = {}
+    for hi, (_, dr, tr) in enumerate(drafts):
+        for m in methods:
+            for T in temps:
+                out[(hi, m, T)] = sampling_check(tr, dr, prefixes, settings_for(cfg, m, T), runs=e.lossless_runs,
+                                                 tokens=e.lossless_tokens, seed=e.seed,
+                                                 progress=(bar.update if bar is not None else None))
     if bar is not None:
         bar.close()
-    return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
-                   target_dtype=base_runner.dtype, tree_check=tree_check)
+    return out
 
 
 def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, target_dtype=None,
-            tree_check=None) -> dict:
+            tree_check=None, checks=None) -> dict:
     """Summaries (HF methods, offline table, vLLM section when asked for) -> report files."""
     e = cfg.eval
     report = {
         "target": cfg.target.path,
         "prompts": list(e.prompts),
-        "settings": {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p,
+        "settings": {"max_new_tokens": e.max_new_tokens, "temperature": cfg.eval_temperatures[0],
+                     "temperatures": cfg.eval_temperatures, "top_p": e.top_p,
                      "draft_tokens": e.draft_tokens, "top_k": e.top_k, "depth": e.depth,
                      "total_tokens": e.total_tokens, "repeats": e.repeats, "warmup": e.warmup,
                      "max_prompts": e.max_prompts, "max_turns": e.max_turns,
@@ -193,9 +247,15 @@ def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, tar
         report["tree_verify_check"] = tree_check
     for hi, h in enumerate(heads):
         entry = {"head": str(h), "name": Path(h).name if Path(h).name != "head" else str(h), "methods": []}
-        for m in methods:
-            depth = settings_for(cfg, m).max_depth
-            entry["methods"].append(summarize(m, records[(hi, m)], depth))
+        for T in (cfg.eval_temperatures if methods else []):
+            for m in methods:
+                row = summarize(m, records.get((hi, m, T), []), settings_for(cfg, m, T).max_depth)
+                row["temperature"] = T
+                check = (checks or {}).get((hi, m, T))
+                if check is not None:  # sampling: the lossless column is the distribution test
+                    row["sampling_check"] = check
+                    row["lossless"] = check["pass"]
+                entry["methods"].append(row)
         entry["offline"] = offline_table(h, cfg, progress=progress) if e.offline else None
         report["heads"].append(entry)
     out = Path(e.output) if e.output else Path(heads[0]) / "eval"

@@ -3,6 +3,11 @@
 Lossless (greedy): "lossless" = no failure, ties allowed (see stage3_eval.evaluate);
 "lossless_failures" and "lossless_ties" count them; "mismatched_prompts" lists both,
 each with the target's top-1/top-2 margin at the first differing position.
+Lossless (sampling, T > 0): "lossless" = the row's "sampling_check" passed
+(stage3_eval/sampling_check.py: statistic, p_value, n, min_tv = the shift it detects with
+power 0.9); null when the check is off (eval.lossless_runs = 0).
+Every method row carries its "temperature" (eval.temperatures; rows in temperature order,
+then method order), and so does every vLLM row.
 
 report.json layout:
   {"target": ..., "prompts": [...], "settings": {...},
@@ -122,6 +127,11 @@ def _mismatch_fields(d) -> dict:
 
 
 def _lossless_cell(m: dict) -> str:
+    c = m.get("sampling_check")
+    if c is not None:
+        verdict = "yes" if c["pass"] else "NO"
+        p = "–" if c["p_value"] is None else f"{c['p_value']:.2g}"
+        return f"{verdict} (sampling test: p = {p}, n = {c['n']})"
     if m["lossless"] is None:
         return "n/a (sampling)"
     ties = m.get("lossless_ties") or 0
@@ -156,16 +166,18 @@ def engine_rows(report: dict) -> list[dict]:
         for m in h["methods"]:
             if m["method"] == "chain":
                 per_pos, mal = hist_stats(m["accept_length_hist"])
-                rows.append({"name": h.get("name", h["head"]), "engine": "hf", "turns": m.get("num_turns"),
+                rows.append({"name": h.get("name", h["head"]), "engine": "hf", "T": m.get("temperature"),
+                             "turns": m.get("num_turns"),
                              "new_tokens": m["new_tokens"], "mal": mal, "per_pos": per_pos,
                              "base_tps": m["baseline_tokens_per_s"], "spec_tps": m["spec_tokens_per_s"],
                              "speedup": m["speedup"], "identical": m["lossless"]})
     for h in v["heads"]:
-        rows.append({"name": h["name"], "engine": f"vllm {v.get('version', '')}".strip(), "turns": h["num_turns"],
+        rows.append({"name": h["name"], "engine": f"vllm {v.get('version', '')}".strip(), "T": h.get("temperature"),
+                     "turns": h["num_turns"],
                      "new_tokens": h["new_tokens"], "mal": h["mean_acceptance_length"],
                      "per_pos": h["acceptance_per_pos"], "base_tps": h["baseline_tokens_per_s"],
                      "spec_tps": h["spec_tokens_per_s"], "speedup": h["speedup"], "identical": h["identical"]})
-    return sorted(rows, key=lambda r: r["name"])
+    return sorted(rows, key=lambda r: (r["name"], r["T"] or 0.0))
 
 
 def engine_markdown(report: dict) -> list[str]:
@@ -174,13 +186,15 @@ def engine_markdown(report: dict) -> list[str]:
         return []
     v = report["vllm"]
     same = {True: "yes", False: "NO", None: "n/a (sampling)"}
-    lines = ["", f"## Engines: chain k={v['draft_tokens']}, same prompts, greedy baseline of the same engine", "",
-             "| head | engine | turns | new tokens | mean acceptance length | P(≥d accepted), d=1.. | "
+    lines = ["", f"## Engines: chain k={v['draft_tokens']}, same prompts, baseline of the same engine at the "
+             "same temperature", "",
+             "| head | engine | T | turns | new tokens | mean acceptance length | P(≥d accepted), d=1.. | "
              "baseline tok/s | spec tok/s | speed-up | token-identical |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         pp = " ".join(_f(a, "{:.3f}") for a in r["per_pos"])
-        lines.append(f"| {r['name']} | {r['engine']} | {r['turns']} | {r['new_tokens']} | {_f(r['mal'])} | {pp} | "
+        lines.append(f"| {r['name']} | {r['engine']} | {_f(r['T'], '{:g}')} | {r['turns']} | {r['new_tokens']} | "
+                     f"{_f(r['mal'])} | {pp} | "
                      f"{_f(r['base_tps'], '{:.1f}')} | {_f(r['spec_tps'], '{:.1f}')} | "
                      f"{_f(r['speedup'], '{:.2f}×')} | {same[r['identical']]} |")
     for h in v["heads"]:
@@ -194,22 +208,25 @@ def markdown(report: dict) -> str:
     s = report.get("settings", {})
     lines = [f"# Speculative decoding: {report.get('target', '')}", "",
              f"prompts: {', '.join(report.get('prompts', []))}; max_new_tokens {s.get('max_new_tokens')}, "
-             f"temperature {s.get('temperature')}; chain k={s.get('draft_tokens')}; "
+             f"temperatures {', '.join(f'{t:g}' for t in s.get('temperatures') or [s.get('temperature') or 0])}; "
+             f"chain k={s.get('draft_tokens')}; "
              f"tree top_k={s.get('top_k')} depth={s.get('depth')} total_tokens={s.get('total_tokens')}"
              + (f"; lossless tie: {s['tie_rule']}" if s.get("tie_rule") else ""), "",
-             "| head | method | prompts | new tokens | target passes | τ | acceptance by depth | "
+             "| head | method | T | prompts | new tokens | target passes | τ | acceptance by depth | "
              "baseline tok/s | spec tok/s | speed-up | lossless |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     if not any(h["methods"] for h in report["heads"]):
         lines = lines[:-3]  # eval.engine vllm: our decoding did not run
     for h in report["heads"]:
         name = h.get("name", h["head"])
         for m in h["methods"]:
             acc = " ".join(_f(a, "{:.2f}") for a in m["acceptance_by_depth"])
-            lines.append(f"| {name} | {m['method']} | {m['num_prompts']} | {m['new_tokens']} | "
+            lines.append(f"| {name} | {m['method']} | {_f(m.get('temperature'), '{:g}')} | {m['num_prompts']} | "
+                         f"{m['new_tokens']} | "
                          f"{m['target_forward_passes']} | {_f(m['tau'])} | {acc} | {_f(m['baseline_tokens_per_s'], '{:.1f}')} | "
                          f"{_f(m['spec_tokens_per_s'], '{:.1f}')} | {_f(m['speedup'], '{:.2f}×')} | {_lossless_cell(m)} |")
     lines += cost_lines(report)
+    lines += sampling_lines(report)
     for h in report["heads"]:
         if h.get("offline") is not None:
             lines += ["", f"## {h.get('name', h['head'])}", "", offline_markdown(h["offline"])]
@@ -220,6 +237,32 @@ def markdown(report: dict) -> str:
                           ", ".join(_mismatch_text(x) for x in m["mismatched_prompts"])]
     lines += engine_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def sampling_lines(report: dict) -> list[str]:
+    """The sampling lossless check per row: what was tested, the verdict and the test's power."""
+    lines = []
+    for h in report["heads"]:
+        for m in h["methods"]:
+            c = m.get("sampling_check")
+            if c is None:
+                continue
+            verdict = "pass" if c["pass"] else "FAIL"
+            tv = "–" if c["min_tv"] is None else f"{c['min_tv']:.3f}"
+            lines.append(f"* {h.get('name', h['head'])} {m['method']} T={c['temperature']:g}: {verdict}. "
+                         f"{c['n']} tokens after the first, from {c['prefixes']} prefixes × {c['runs']} seeded runs "
+                         f"of {c['tokens']} tokens; χ² = {c['statistic']:.2f} (df {c['df']}, p = {c['p_value']:.3g}), "
+                         f"critical {c['critical']:.2f} at level {c['level']:g}"
+                         + (f"; {c['impossible_tokens']} tokens the target cannot emit" if c["impossible_tokens"]
+                            else "")
+                         + f". Power {c['power']:.0%} against any shift of TV ≥ {tv} in the {c['bins']}-bin "
+                         "distribution of u.")
+    if not lines:
+        return []
+    return ["", "### Lossless at T > 0", "",
+            "Each token after the first is mapped to u = P_target(tokens ranked before it) + V·P_target(it), "
+            "V ~ U(0,1), under the target's own distribution at that point (temperature, top-p); lossless "
+            "decoding makes every u independent U(0,1). Test: Pearson's χ² of u in equal bins.", ""] + lines
 
 
 def _mismatch_text(x: dict) -> str:
@@ -239,6 +282,7 @@ def plot(report: dict, path: Path) -> Path:
 
     rows = [(h.get("name", h["head"]), m) for h in report["heads"] for m in h["methods"]]
     rows += [(f"{h['name']} vllm", {**h, "method": "chain"}) for h in (report.get("vllm") or {}).get("heads", [])]
+    rows = [(f"{n} T={m['temperature']:g}" if m.get("temperature") is not None else n, m) for n, m in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(rows), 1)
     for i, (name, m) in enumerate(rows):

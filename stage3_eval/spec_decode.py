@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from stage3_eval.target_runner import TargetRunner
-from stage3_eval.tree import DraftTree, build_tree, greedy_accept, sample_accept, sample_from, target_probs, \
-    verify_mask, verify_positions
+from stage3_eval.tree import DraftTree, accept_draft, build_tree, greedy_accept, sample_accept, sample_from, \
+    target_probs, verify_mask, verify_positions
 
 
 @dataclass
@@ -73,8 +73,11 @@ def _finish(out: list[int], new: list[int], eos: set[int], max_new: int) -> tupl
 
 @torch.no_grad()
 def generate(target: TargetRunner, drafter, prompt_ids: list[int], s: DecodeSettings, *,
-             eos_ids: Optional[set[int]] = None, gen: Optional[torch.Generator] = None) -> GenResult:
-    """Decode `prompt_ids` with the target, speculatively unless s.method == 'plain'."""
+             eos_ids: Optional[set[int]] = None, gen: Optional[torch.Generator] = None,
+             accept=None) -> GenResult:
+    """Decode `prompt_ids` with the target, speculatively unless s.method == 'plain'.
+
+    accept: the acceptance rule when sampling (default tree.accept_draft; tests inject wrong ones)."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     eos = set(target.eos_ids if eos_ids is None else eos_ids)
@@ -109,7 +112,7 @@ def generate(target: TargetRunner, drafter, prompt_ids: list[int], s: DecodeSett
         res.forward_passes += 1
         if sampling:
             P = target_probs(o.logits, s.temperature, s.top_p)
-            path, bonus = sample_accept(tree, P, gen) if N else ([], sample_from(P[0], gen))
+            path, bonus = sample_accept(tree, P, gen, accept or accept_draft) if N else ([], sample_from(P[0], gen))
         else:
             nxt = o.logits.argmax(-1)
             path, bonus = greedy_accept(tree, nxt) if N else ([], int(nxt[0]))

@@ -273,7 +273,13 @@ def sample_from(p: torch.Tensor, gen: Optional[torch.Generator]) -> int:
 
 
 
-def sample_accept(tree: DraftTree, p_rows: torch.Tensor, gen: Optional[torch.Generator]) -> tuple[list[int], int]:
+def accept_draft(px: float, qx: float, r: float) -> bool:
+    """The speculative sampling rule: accept a token drawn from q with probability min(1, p/q)."""
+    return qx > 0 and r * qx < px  # r < p/q without dividing
+
+
+def sample_accept(tree: DraftTree, p_rows: torch.Tensor, gen: Optional[torch.Generator],
+                  accept=accept_draft) -> tuple[list[int], int]:
     """Recursive rejection sampling over siblings (drawn without replacement).
 
     At a node with target distribution p and draft distribution q, children c_1..c_m
@@ -283,7 +289,8 @@ def sample_accept(tree: DraftTree, p_rows: torch.Tensor, gen: Optional[torch.Gen
     residual p. The output token is then distributed exactly as p (for m = 1 this
     is the standard speculative sampling rule), whatever m is, as long as m does not
     depend on the children's values (tree.py's budget guarantees that).
-    p_rows [N+1, V]: target distributions at the root row and each node row.
+    p_rows [N+1, V]: target distributions at the root row and each node row. `accept(p(x), q(x), r)`
+    with r ~ U(0, 1) is the rule (tests inject wrong ones to show the sampling check catches them).
     """
     path: list[int] = []
     cur = -1
@@ -299,7 +306,7 @@ def sample_accept(tree: DraftTree, p_rows: torch.Tensor, gen: Optional[torch.Gen
                 x = int(tree.tokens[c])
                 px, qx = float(p[x]), float(q[x])
                 r = float(rand_on((), gen, dev))
-                if qx > 0 and r * qx < px:  # r < p/q without dividing
+                if accept(px, qx, r):
                     accepted = c
                     break
                 p = (p - q).clamp_(min=0.0)

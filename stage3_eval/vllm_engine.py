@@ -2,15 +2,16 @@
 
 The target (a GGUF target: its cached HF conversion, schemas/target.py) and each head,
 exported as vLLM reads it, run in the engine venv through stage3_eval/vllm_eval_worker.py
-(schemas/vllm_runtime.py says why a separate venv). Greedy chain drafting of
-`eval.draft_tokens`, one request at a time like our HF path, so tokens/s are latency
-figures comparable with it. vLLM counts, per draft, how many draft positions were
+(schemas/vllm_runtime.py says why a separate venv). Chain drafting of `eval.draft_tokens`
+at each of `eval.temperatures` (0 = greedy; the baseline is vLLM at the same temperature),
+one request at a time like our HF path, so tokens/s are latency figures comparable with it;
+one row per head and temperature. vLLM counts, per draft, how many draft positions were
 accepted (`vllm:spec_decode_num_accepted_tokens_per_pos`); from those counts:
 * acceptance_per_pos[d-1] = P(at least d tokens accepted) per draft (vLLM's convention),
 * accept_length_hist and acceptance_by_depth (P(depth d accepted | depth d-1 accepted)),
   the conventions of our HF report, so both engines plot and tabulate alike,
 * mean_acceptance_length = 1 + accepted / drafts.
-Token identity: every turn's speculative output must equal vLLM's own greedy output.
+Token identity (T = 0): every turn's speculative output must equal vLLM's own greedy output.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run_vllm_eval(cfg, heads: list[str], prompts: list[EvalPrompt], out_dir: Pat
     for i, h in enumerate(heads):
         exports.append({"name": head_name(h), "dir": str(export_for_vllm(h, out_dir / "vllm_heads" / f"{i}", dtype))})
     request = {"llm": llm_kwargs(cfg, target, seed=e.seed), "heads": exports, "draft_tokens": e.draft_tokens,
-               "max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "top_p": e.top_p,
+               "max_new_tokens": e.max_new_tokens, "temperatures": cfg.eval_temperatures, "top_p": e.top_p,
                "seed": e.seed, "warmup": e.warmup,
                "prompts": [{"id": p.id, "turns": p.turns} for p in prompts]}
     log = out_dir / "vllm.log"
@@ -57,15 +58,18 @@ def run_vllm_eval(cfg, heads: list[str], prompts: list[EvalPrompt], out_dir: Pat
         print(f"[eval] vLLM: target {target}, {len(heads)} head(s); log {log}", flush=True)
     res = run_worker(WORKER, request, python, log)
     (out_dir / "vllm_raw.json").write_text(json.dumps(res))  # every token and prompt id, for checks
-    sampling = e.temperature > 0
     base = res["baseline"]["runs"]
+
+    def at(runs, T):
+        return [r for r in runs if r["temperature"] == T]
+
     return {
         "version": res["vllm_version"], "target_dir": str(target), "dtype": dtype, "method": "chain",
         "draft_tokens": e.draft_tokens, "log": str(log), "raw": str(out_dir / "vllm_raw.json"),
         "baseline_init_s": res["baseline"]["init_s"],
-        "heads": [{"head": str(h), "name": head_name(h), "export": x["dir"], "init_s": r["init_s"],
-                   **summarize_engine(base, r["runs"], e.draft_tokens, sampling)}
-                  for h, x, r in zip(heads, exports, res["heads"])],
+        "heads": [{"head": str(h), "name": head_name(h), "export": x["dir"], "init_s": r["init_s"], "temperature": T,
+                   **summarize_engine(at(base, T), at(r["runs"], T), e.draft_tokens, T > 0)}
+                  for h, x, r in zip(heads, exports, res["heads"]) for T in cfg.eval_temperatures],
     }
 
 

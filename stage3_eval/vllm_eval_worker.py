@@ -6,16 +6,18 @@ Imports only the standard library and vLLM (with what vLLM brings: transformers)
 never this project, whose environment it does not share (schemas/vllm_runtime.py).
 
 Request: {"llm": {vllm.LLM kwargs}, "heads": [{"name", "dir"}], "draft_tokens": k,
-          "max_new_tokens", "temperature", "top_p", "seed", "warmup",
+          "max_new_tokens", "temperatures": [T, ...], "top_p", "seed", "warmup",
           "prompts": [{"id", "turns": [text, ...]}]}
-1. The target alone decodes every prompt, turn by turn, one request at a time (timed);
+1. The target alone decodes every prompt, turn by turn, one request at a time (timed), at
+   each temperature (0 = greedy; else sampling with top_p and the request's seed);
    turn t+1 is asked after the target's own answer to turn t, as in stage 3's HF path.
 2. Per head: vLLM with speculative_config {method eagle3, num_speculative_tokens k}
-   decodes the same prompt ids, one request at a time; vLLM's spec-decode counters
-   (drafts, draft tokens, accepted tokens per position) are read around each request.
-Result: {"vllm_version", "baseline": {"init_s", "runs": [{"id", "turn", "prompt_ids", "tokens",
-         "wall_s"}]}, "heads": [{"name", "dir", "init_s", "runs": [{"id", "turn", "tokens", "wall_s",
-         "drafts", "draft_tokens", "accepted", "accepted_per_pos"}]}]}
+   decodes the same prompt ids at the same temperatures, one request at a time; vLLM's
+   spec-decode counters (drafts, draft tokens, accepted tokens per position) are read
+   around each request.
+Result: {"vllm_version", "baseline": {"init_s", "runs": [{"id", "turn", "temperature", "prompt_ids",
+         "tokens", "wall_s"}]}, "heads": [{"name", "dir", "init_s", "runs": [{"id", "turn",
+         "temperature", "tokens", "wall_s", "drafts", "draft_tokens", "accepted", "accepted_per_pos"}]}]}
 """
 import gc
 import json
@@ -79,7 +81,7 @@ def timed_generate(llm, ids, sp):
     return list(out[0].outputs[0].token_ids), time.perf_counter() - t0
 
 
-def run_baseline(req, sp, tok, stops):
+def run_baseline(req, sps, tok, stops):
     from vllm import LLM
 
     t0 = time.perf_counter()
@@ -87,25 +89,28 @@ def run_baseline(req, sp, tok, stops):
     init_s = time.perf_counter() - t0
     runs = []
     first = True
-    for p in req["prompts"]:
-        messages = []
-        for turn, text in enumerate(p["turns"]):
-            messages.append({"role": "user", "content": text})
-            ids = render(tok, messages)
-            if first:
-                for _ in range(req["warmup"]):
-                    timed_generate(llm, ids, sp)
-                first = False
-            tokens, wall = timed_generate(llm, ids, sp)
-            runs.append({"id": p["id"], "turn": turn + 1, "prompt_ids": ids, "tokens": tokens, "wall_s": wall})
-            answer = tokens[:-1] if tokens and tokens[-1] in stops else tokens
-            messages.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True).strip()})
-        log(f"baseline: prompt {p['id']} done")
+    for T, sp in sps.items():
+        for p in req["prompts"]:
+            messages = []
+            for turn, text in enumerate(p["turns"]):
+                messages.append({"role": "user", "content": text})
+                ids = render(tok, messages)
+                if first:
+                    for _ in range(req["warmup"]):
+                        timed_generate(llm, ids, sp)
+                    first = False
+                tokens, wall = timed_generate(llm, ids, sp)
+                runs.append({"id": p["id"], "turn": turn + 1, "temperature": T, "prompt_ids": ids, "tokens": tokens,
+                             "wall_s": wall})
+                answer = tokens[:-1] if tokens and tokens[-1] in stops else tokens
+                messages.append({"role": "assistant",
+                                 "content": tok.decode(answer, skip_special_tokens=True).strip()})
+            log(f"baseline: prompt {p['id']} at T={T} done")
     close(llm)
     return {"init_s": init_s, "runs": runs}
 
 
-def run_head(req, head, sp, prompt_runs):
+def run_head(req, head, sps, prompt_runs):
     from vllm import LLM
 
     spec = {"method": "eagle3", "model": head["dir"], "num_speculative_tokens": req["draft_tokens"]}
@@ -114,15 +119,16 @@ def run_head(req, head, sp, prompt_runs):
     init_s = time.perf_counter() - t0
     if prompt_runs:
         for _ in range(req["warmup"]):
-            timed_generate(llm, prompt_runs[0]["prompt_ids"], sp)
+            timed_generate(llm, prompt_runs[0]["prompt_ids"], sps[prompt_runs[0]["temperature"]])
     runs = []
     for b in prompt_runs:
         before = spec_counters(llm)
-        tokens, wall = timed_generate(llm, b["prompt_ids"], sp)
+        tokens, wall = timed_generate(llm, b["prompt_ids"], sps[b["temperature"]])
         after = spec_counters(llm)
         per_pos = [a - (before[PER_POS][i] if i < len(before[PER_POS]) else 0)
                    for i, a in enumerate(after[PER_POS])]
-        runs.append({"id": b["id"], "turn": b["turn"], "tokens": tokens, "wall_s": wall,
+        runs.append({"id": b["id"], "turn": b["turn"], "temperature": b["temperature"], "tokens": tokens,
+                     "wall_s": wall,
                      "drafts": after[SPEC_COUNTERS[0]] - before[SPEC_COUNTERS[0]],
                      "draft_tokens": after[SPEC_COUNTERS[1]] - before[SPEC_COUNTERS[1]],
                      "accepted": after[SPEC_COUNTERS[2]] - before[SPEC_COUNTERS[2]],
@@ -141,14 +147,13 @@ def main(req_path, res_path):
     model_dir = req["llm"]["tokenizer"]
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=req["llm"].get("trust_remote_code", False))
     stops = stop_ids(model_dir, tok)
-    kw = {"max_tokens": req["max_new_tokens"], "stop_token_ids": stops, "seed": req["seed"]}
-    if req["temperature"] > 0:
-        kw.update(temperature=req["temperature"], top_p=req["top_p"])
-    else:
-        kw.update(temperature=0.0)
-    sp = SamplingParams(**kw)
-    base = run_baseline(req, sp, tok, stops)
-    heads = [run_head(req, h, sp, base["runs"]) for h in req["heads"]]
+    sps = {}  # temperature -> SamplingParams
+    for T in req["temperatures"]:
+        kw = {"max_tokens": req["max_new_tokens"], "stop_token_ids": stops, "seed": req["seed"]}
+        kw.update(temperature=T, top_p=req["top_p"]) if T > 0 else kw.update(temperature=0.0)
+        sps[T] = SamplingParams(**kw)
+    base = run_baseline(req, sps, tok, stops)
+    heads = [run_head(req, h, sps, base["runs"]) for h in req["heads"]]
     result = {"vllm_version": vllm.__version__, "stop_token_ids": stops, "baseline": base, "heads": heads}
     tmp = Path(res_path + ".tmp")
     tmp.write_text(json.dumps(result))

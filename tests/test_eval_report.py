@@ -151,14 +151,33 @@ def test_run_eval_report(setup):
 
 
 def test_run_eval_sampling(setup):
+    """eval.temperatures: one row per temperature and method; at T > 0 the lossless column is the
+    sampling check (a correct decoder passes it), at T = 0 token identity; eval.lossless_runs = 0
+    turns the check off."""
     from stage3_eval.evaluate import run_eval
 
     d, m, tok, files, heads, _ = setup
-    cfg = _cfg(setup, temperature=0.8, head=heads[1], method="tree", max_prompts=2, max_turns=1,
-               output=str(d / "samp"), warmup=0)
+    cfg = _cfg(setup, temperatures=[0, 0.8], head=heads[1], method=["chain", "tree"], max_prompts=2, max_turns=1,
+               output=str(d / "samp"), warmup=0, lossless_runs=15, lossless_tokens=5, lossless_prefixes=2)
     rep = run_eval(cfg, progress=False, model_tok=(m, tok))
-    mm = rep["heads"][0]["methods"][0]
-    assert mm["lossless"] is None and mm["num_turns"] == 2 and mm["new_tokens"] > 0
+    rows = rep["heads"][0]["methods"]
+    assert [(r["temperature"], r["method"]) for r in rows] == [(0.0, "chain"), (0.0, "tree"), (0.8, "chain"),
+                                                              (0.8, "tree")]
+    assert rep["settings"]["temperatures"] == [0.0, 0.8]
+    for r in rows:
+        assert r["num_turns"] == 2 and r["new_tokens"] > 0 and r["lossless"] is True
+        if r["temperature"] == 0:
+            assert "sampling_check" not in r
+        else:
+            c = r["sampling_check"]
+            assert c["n"] == 2 * 15 * 4 and c["pass"] and c["temperature"] == 0.8 and 0 < c["min_tv"] < 0.5
+    md = (d / "samp" / "report.md").read_text()
+    assert "| fitted | tree | 0.8 |" in md and "| fitted | chain | 0 |" in md
+    assert "### Lossless at T > 0" in md and "* fitted tree T=0.8: pass. 120 tokens after the first" in md
+    cfg = _cfg(setup, temperature=0.8, head=heads[1], method="tree", max_prompts=2, max_turns=1,
+               output=str(d / "samp0"), warmup=0, lossless_runs=0)
+    mm = run_eval(cfg, progress=False, model_tok=(m, tok))["heads"][0]["methods"][0]
+    assert mm["lossless"] is None and "sampling_check" not in mm and mm["temperature"] == 0.8
 
 
 def test_cli_eval(setup, tiny_llama_dir):

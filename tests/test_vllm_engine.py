@@ -229,17 +229,23 @@ def test_eval_engine_both_token_identical_with_engine_table(tiny_trained, vllm_p
     cfg.write_text(yaml.safe_dump({
         "target": {"path": str(target), "dtype": "float32"}, "train": {"output": str(head)},
         "eval": {"prompts": [str(prompts)], "method": "chain", "max_new_tokens": 24, "draft_tokens": 3,
-                 "warmup": 0, "offline": False, "output": str(out)},
+                 "warmup": 0, "offline": False, "output": str(out), "temperatures": [0, 1.0], "lossless_runs": 10,
+                 "lossless_prefixes": 1, "lossless_tokens": 4},
         "vllm": {"python": str(vllm_python), "kv_cache_gib": 0.25, "max_model_len": 512}}))
     r = CliRunner().invoke(app, ["eval", str(cfg), "--engine", "both", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "## Engines: chain k=3" in r.output
     rows = [line for line in r.output.splitlines() if line.startswith("| head |") is False and "| vllm " in line]
-    assert len(rows) == 1 and rows[0].endswith("| yes |"), r.output
+    assert len(rows) == 2 and rows[0].endswith("| yes |") and " | 1 | " in rows[1] \
+        and rows[1].endswith("| n/a (sampling) |"), r.output
 
     rep = json.loads((out / "report.json").read_text())
     hf, v = rep["heads"][0]["methods"][0], rep["vllm"]["heads"][0]
-    assert hf["lossless"] is True
+    hf1, v1 = rep["heads"][0]["methods"][1], rep["vllm"]["heads"][1]
+    # T = 1: both engines sample, against their own sampling baseline; ours passes the sampling check
+    assert (hf1["temperature"], v1["temperature"]) == (1.0, 1.0) and hf1["sampling_check"]["pass"]
+    assert v1["identical"] is None and v1["drafts"] > 0 and v1["num_turns"] == 4 and v1["speedup"] > 0
+    assert hf["lossless"] is True and v["temperature"] == 0.0
     assert v["identical"] is True and v["num_turns"] == 4 and v["mismatched_prompts"] == []
     assert v["drafts"] > 0 and sum(v["accept_length_hist"]) == v["drafts"]
     assert v["accepted"] == sum(v["accepted_per_pos"])
