@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="plan_vs_measured_"))
     rows = []
     checks = {"stage1": check_stage1_host, "stage2": check_stage2}
-    for name in a.only.split(","):
+    for name in [n for n in a.only.split(",") if n]:
         (work / name).mkdir(parents=True)
         rows.append(checks[name](work / name, a.quick))
     if a.real:

@@ -169,15 +169,16 @@ def count_data(cfg, *, tokens: Optional[int] = None, samples: Optional[int] = No
 
 
 def _probe_tokens(tok, messages: list[dict], max_length: int, answer_tokens: Optional[int]) -> int:
+    """Tokens of one conversation as the chat template renders it, capped at max_length; with
+    `answer_tokens` (regeneration), its prompts plus that many tokens per answer to come."""
     if answer_tokens is None:
-        ids = tok.apply_chat_template(messages, tokenize=True)
-        n = len(ids["input_ids"] if isinstance(ids, dict) else ids)
-    else:  # prompts only: the template's tokens plus max_new_tokens per answer to come
+        text = tok.apply_chat_template(messages, tokenize=False)
+        extra = 0
+    else:
         users = [m for m in messages if m["role"] != "assistant"]
-        ids = tok.apply_chat_template(users, tokenize=True, add_generation_prompt=True)
-        n = len(ids["input_ids"] if isinstance(ids, dict) else ids)
-        n += answer_tokens * sum(1 for m in users if m["role"] == "user")
-    return min(n, max_length)
+        text = tok.apply_chat_template(users, tokenize=False, add_generation_prompt=True)
+        extra = answer_tokens * sum(1 for m in users if m["role"] == "user")
+    return min(len(tok(text, add_special_tokens=False)["input_ids"]) + extra, max_length)
 
 
 # --------------------------------------------------------------------------- stage 1: cache

@@ -26,14 +26,14 @@ QUICK = [
     ("bench_verify.py --quick", ()),
     ("ttt_memory.py --quick", ()),
     ("stage_dtypes.py --quick --run-root {tmp}/stage-dtypes", ()),
-    ("plan_vs_measured.py --quick", ()),
     ("quality.py --quick --dry-run --run-dir {tmp}/quality", ()),  # issue 21 owns quality.py
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
     # PLACEHOLDER (issue 21 owns bench_train_step.py): fill in its quick-mode flags when it has them.
     ("bench_train_step.py --quick", (pytest.mark.xfail(strict=True, reason="bench_train_step.py has no quick mode "
                                                                           "yet (issue 21)"),)),
 ]
-# Not here: gpu_check.py (its own test below) and extract_memory.py (issue 19: its own test).
+# Not here: gpu_check.py (its own test below), plan_vs_measured.py (tests/test_plan.py) and
+# extract_memory.py (issue 19: its own test).
 HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py"}
 
 
@@ -55,7 +55,7 @@ def test_bench_script_quick_mode(cmd, tmp_path, request):
 
 
 def test_every_bench_script_is_covered():
-    covered = {c.split()[0] for c, _ in QUICK} | {"gpu_check.py", "extract_memory.py"} | HELPERS
+    covered = {c.split()[0] for c, _ in QUICK} | {"gpu_check.py", "plan_vs_measured.py", "extract_memory.py"} | HELPERS
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
     assert scripts <= covered, f"bench scripts without a quick-mode test: {sorted(scripts - covered)}"
 
