@@ -57,10 +57,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Every GPU path on one CUDA GPU (~8 min; exits 2 without CUDA). README: "GPU check".
-.PHONY: gpu-check
+# What only a GPU shows, on one CUDA GPU (<= 8 min; exits 2 without CUDA). README: "GPU check".
+.PHONY: gpu-check gpu-wheels
 gpu-check: $(STAMP)
-	$(PY) bench/gpu_check.py
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The offline bundle: every wheel the check needs on a host with only Python 3.12, a CUDA torch,
+# transformers, accelerate, pyarrow and numpy (bench/gpu_requirements.txt), into GPU_WHEELS.
+# On that host: python3.12 bench/gpu_check.py --wheels GPU_WHEELS (pip --no-index, into a prefix).
+GPU_WHEELS ?= dist/gpu-wheels
+gpu-wheels: $(STAMP)
+	$(PY) bench/offline_bundle.py download $(GPU_WHEELS)
 
 clean:
 	rm -rf runs .pytest_cache

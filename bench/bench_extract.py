@@ -212,23 +212,33 @@ def main() -> None:
                     help="assumed MiniCPM4-8B prefill tokens/s on one H100 (for the cores estimate)")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed)")
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
+    ap.add_argument("--target", default=SMOLLM2, help="target.path (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DATA), help="ShareGPT data (default: AlpacaEval answers)")
+    ap.add_argument("--quick", action="store_true", help="tiny random target and data, seconds (the test suite)")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.max_length, args.samples_per_shard, args.writer_tokens = 8, 64, 4, 1024
     if args.writer:
         bench_writer(args)
         return
-    if not DATA.is_file():
-        sys.exit(f"skip: {DATA} is absent")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-extract-"))
+    if args.quick:
+        from quick import tiny_inputs
+
+        target, data = tiny_inputs(work, args.n)
+        args.target, args.data = str(target), str(data)
+    if not Path(args.data).is_file():
+        sys.exit(f"skip: {args.data} is absent")
 
     from schemas.config import load_config
     from schemas.target import load_target
     from stage1_extract.extract import run_extract
     from stage1_extract.tokenize import build_samples
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-extract-"))
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    cfg = load_config(raw={"target": {"path": SMOLLM2},
-                           "data": {"train": [str(DATA)], "max_samples": args.n, "max_length": args.max_length},
+    cfg = load_config(raw={"target": {"path": args.target},
+                           "data": {"train": [args.data], "max_samples": args.n, "max_length": args.max_length},
                            "extract": {"cache": str(cache), "topk": 64, "samples_per_shard": args.samples_per_shard,
                                        "max_tokens_per_batch": args.max_tokens_per_batch,
                                        "compressor": args.compressor, "hidden_dtype": args.hidden_dtype}})

@@ -36,8 +36,8 @@ def train(cache: str, out: Path, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bf16", required=True)
-    ap.add_argument("--fp8", required=True)
+    ap.add_argument("--bf16", default=None, help="bf16 cache (required unless --quick)")
+    ap.add_argument("--fp8", default=None, help="fp8 cache of the same samples (required unless --quick)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--draft-vocab", type=int, default=8000)
@@ -46,7 +46,17 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="two tiny caches made here, 4 steps (the test suite)")
     a = ap.parse_args()
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import tiny_cache
+
+        work = Path(tempfile.mkdtemp(prefix="fp8_parity_quick_"))
+        a.bf16, a.fp8 = str(tiny_cache(work, 12)), str(tiny_cache(work, 12, hidden_dtype="fp8"))
+        a.steps, a.draft_vocab, a.ttt, a.micro_batch, a.max_tokens = 4, 64, 3, 2, 512
+    if not (a.bf16 and a.fp8):
+        ap.error("--bf16 and --fp8 are required (or --quick)")
     work = Path(tempfile.mkdtemp(prefix="fp8-parity-"))
     res = {k: train(getattr(a, k), work / k, a) for k in ("bf16", "fp8")}
     acc = {k: res[k]["acc"] for k in res}

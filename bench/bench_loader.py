@@ -36,7 +36,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from schemas.cache import CACHE_JSON, SCHEMA_ID, CacheReader, build_manifest, write_shard  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from schemas.cache import CACHE_JSON, EMBED_FILE, SCHEMA_ID, CacheReader, build_manifest, write_shard  # noqa: E402
+from schemas.cache_check import target_file_checksums  # noqa: E402
 from stage2_train.loader import FIELDS, CacheLoader  # noqa: E402
 from stage2_train.sampler import chunk_aware_order  # noqa: E402
 
@@ -64,6 +67,9 @@ def write_cache(root: Path, H: int, tokens: int, per_shard: int, seed: int, old_
     shutil.rmtree(root, ignore_errors=True)
     (root / "target").mkdir(parents=True)
     (root / "target" / "config.json").write_text(json.dumps({"hidden_size": H, "vocab_size": VOCAB}))
+    # The frozen embedding every reader checks for (schemas.cache_check), random bf16.
+    save_file({"weight": torch.from_numpy(rng.standard_normal((VOCAB, H), dtype=np.float32)).to(torch.bfloat16)},
+              str(root / "target" / EMBED_FILE))
     lengths = np.clip(rng.lognormal(6.0, 0.8, 10 ** 6).astype(np.int64), 64, 2048)
     lengths = lengths[:int(np.searchsorted(np.cumsum(lengths), tokens)) + 1]
     k = n = 0
@@ -79,7 +85,8 @@ def write_cache(root: Path, H: int, tokens: int, per_shard: int, seed: int, old_
         k += 1
     meta = {"schema": SCHEMA_ID, "target": {"hidden_size": H, "vocab_size": VOCAB, "num_hidden_layers": 32},
             "layers": LAYERS, "topk": K, "num_shards": k, "samples_per_shard": per_shard, "hidden_dtype": "bfloat16",
-            "data": {"num_samples": int(len(lengths))}}
+            "data": {"num_samples": int(len(lengths))},
+            "target_files": target_file_checksums(root / "target")}
     (root / CACHE_JSON).write_text(json.dumps(meta))
     build_manifest(root)
     return root
@@ -192,6 +199,7 @@ def bench_never_waits(r: CacheReader, threads: int, gpu_tok_s: float, warmup: in
     order = chunk_aware_order(shard_of, r.lengths(), np.arange(len(r)), micro_batch_size=1, max_tokens=4096,
                               seed=0, epoch=0, shuffle_buffer=16)
     mem = list(CacheLoader(r, order.arrivals, order.batches, t2d, threads=threads, pin_memory=False))
+    warmup = min(warmup, len(order.batches) // 2)  # a small (--quick) cache has fewer batches
 
     def run(batches) -> float:
         it = iter(batches)
@@ -221,7 +229,11 @@ def main() -> None:
     ap.add_argument("--gpu-tok-s", type=float, default=20000.0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (the test suite runs this)")
     a = ap.parse_args()
+    if a.quick:
+        a.hidden, a.tokens, a.per_shard, a.threads, a.micro_batch = [64], 3000, 4, [1], 4
+        a.max_tokens, a.per_sample = 1024, 8
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_loader_"))
     report: dict = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     for H in a.hidden:

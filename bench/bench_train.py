@@ -171,7 +171,7 @@ def online_batches(target_model, layers, K, t2d_map, cache_batches):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", required=True)
+    ap.add_argument("--cache", default=None, help="the cache to read (required unless --quick)")
     ap.add_argument("--steps", type=int, default=300, help="training steps of the real run (0: skip)")
     ap.add_argument("--output", default=None, help="head dir of the real run (default: a temp dir)")
     ap.add_argument("--draft-vocab", type=int, default=8000)
@@ -189,7 +189,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="loader decode threads (train.loader_threads)")
     ap.add_argument("--gpu-tok-s", type=float, default=20000.0, help="emulated GPU step: sleep tokens / this")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="a tiny cache extracted here, a few steps (the test suite)")
     a = ap.parse_args()
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import tiny_inputs, tiny_cache
+
+        work = Path(tempfile.mkdtemp(prefix="bench_train_quick_"))
+        a.cache = str(tiny_cache(work, 12))
+        a.target_path = str(tiny_inputs(work)[0])
+        a.steps, a.draft_vocab, a.ttt, a.micro_batch, a.max_tokens, a.max_length = 4, 64, 3, 2, 512, 128
+        a.speed_steps, a.rounds = 2, 1
+    if not a.cache:
+        ap.error("--cache is required (or --quick)")
 
     reader = CacheReader(a.cache)
     report: dict = {"cache": a.cache, "samples": len(reader), "tokens": int(reader.lengths().sum())}

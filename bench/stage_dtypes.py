@@ -27,7 +27,7 @@ def run(dtype: str, root: Path, a) -> dict:
     ov = [f"name=dt-{dtype}", f"target.dtype={dtype}", f"train.compute_dtype={dtype}",
           f"data.max_samples={a.prompts}", f"data.regenerate.output={d}/regenerated.jsonl",
           f"extract.cache={d}/cache", f"train.output={d}/head", f"train.max_steps={a.steps}",
-          f"train.eval_every={a.steps}", f"eval.max_prompts={a.eval_prompts}", "eval.offline=false"]
+          f"train.eval_every={a.steps}", f"eval.max_prompts={a.eval_prompts}", "eval.offline=false", *a.extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "configs/demo.yaml", "--no-progress",
                     "--stages", a.stages, *ov], cwd=ROOT, env=env, check=True)
@@ -47,7 +47,17 @@ def main() -> int:
     ap.add_argument("--eval-prompts", type=int, default=3)
     ap.add_argument("--run-root", default="runs/stage-dtypes")
     ap.add_argument("--stages", default="regenerate,extract,train,eval", help="pipeline stages to run and time")
+    ap.add_argument("--quick", action="store_true", help="a tiny random target, 2 prompts, 2 steps (the test suite)")
     a = ap.parse_args()
+    a.extra = []
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import tiny_inputs
+
+        target, _ = tiny_inputs(ROOT / a.run_root / "inputs")
+        a.prompts, a.steps, a.eval_prompts = 2, 2, 1
+        a.extra = [f"target.path={target}", "data.regenerate.max_new_tokens=8", "eval.max_new_tokens=8",
+                   "train.draft_vocab_size=64", "extract.max_tokens_per_batch=1024"]
     root = (ROOT / a.run_root).resolve()
     res = {dt: run(dt, root, a) for dt in ("float32", "bfloat16")}
     print("\n| stage | fp32 s | bf16 s | fp32 / bf16 |\n|---|---:|---:|---:|")

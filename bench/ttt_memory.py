@@ -140,7 +140,10 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=None,
                     help="positions per loss chunk (default 2048 * T / 4096: the same fraction as 2048 at T=4096)")
     ap.add_argument("--impl", choices=["eager", "linear"], default=None, help="(internal) run one case")
+    ap.add_argument("--quick", action="store_true", help="a tiny case, seconds (the test suite)")
     a = ap.parse_args()
+    if a.quick:
+        a.T, a.heads, a.vocab, a.steps = 64, 4, 500, 3
     if a.loss_chunk is None:
         a.loss_chunk = max(1, 2048 * a.T // 4096)
     if a.impl:

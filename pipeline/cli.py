@@ -38,9 +38,9 @@ def note_local_rank(local_rank: Optional[int]) -> None:
 
 
 def _register_all() -> None:
-    from pipeline import cmd_config, cmd_data, cmd_eval, cmd_extract, cmd_run, cmd_shards, cmd_train
+    from pipeline import cmd_config, cmd_data, cmd_eval, cmd_extract, cmd_plan, cmd_run, cmd_shards, cmd_train
 
-    for mod in (cmd_config, cmd_data, cmd_extract, cmd_shards, cmd_train, cmd_eval, cmd_run):
+    for mod in (cmd_config, cmd_data, cmd_extract, cmd_shards, cmd_train, cmd_eval, cmd_run, cmd_plan):
         mod.register(app)
 
 

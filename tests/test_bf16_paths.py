@@ -25,14 +25,15 @@ def test_auto_target_dtype_follows_the_cpu(monkeypatch, flag, want):
     assert pick_dtype(TargetConfig(path="x"), torch.device("cuda")) == torch.bfloat16
 
 
-def test_the_probe_reads_avx512_bf16_and_amx(monkeypatch):
+@pytest.mark.parametrize("avx512_bf16,amx", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_probe_reads_avx512_bf16_and_amx(monkeypatch, avx512_bf16, amx):
+    """Either feature alone makes bf16 native; neither means fp32 for `auto`."""
     monkeypatch.delenv("EAGLE3_CPU_BF16", raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert cpu_native_bf16()
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert not cpu_native_bf16()
-    assert pick_dtype(TargetConfig(path="x"), CPU) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    native = avx512_bf16 or amx
+    assert cpu_native_bf16() is native
+    assert pick_dtype(TargetConfig(path="x"), CPU) == (torch.bfloat16 if native else torch.float32)
 
 
 def test_a_bad_override_is_named(monkeypatch):
@@ -61,29 +62,65 @@ def random_batch(L=48, n_draft=16, K=4, seed=1):
             "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
 
 
-def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_state():
+def test_bf16_autocast_step_matches_fp32():
+    """The whole TTT step under compute_context(bf16) stays close to fp32 (loss, gradients) and
+    really runs in bf16 (the loss differs from the fp32 one)."""
     m32 = tiny_model()
     mbf = copy.deepcopy(m32)
     b = random_batch()
     o32 = ttt_forward(m32, b, 3)
     o32.loss.backward()
-    seen = []
-    mbf.lm_head.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
-    mbf.midlayer.self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
     with compute_context(CPU, torch.bfloat16):
         obf = ttt_forward(mbf, b, 3)
     obf.loss.backward()
-    assert set(seen) == {torch.bfloat16}                          # the matmuls ran in bf16
-    assert obf.loss.dtype == torch.float32
+    assert obf.loss.item() != o32.loss.item()
+    assert obf.loss.item() == pytest.approx(o32.loss.item(), rel=2e-2)
     for (n, p32), (_, pbf) in zip(m32.named_parameters(), mbf.named_parameters()):
-        assert pbf.dtype == torch.float32, n                      # weights stay fp32 (AdamW updates them)
         if p32.grad is None:
             continue
-        assert pbf.grad.dtype == torch.float32, n
         cos = torch.nn.functional.cosine_similarity(p32.grad.flatten(), pbf.grad.flatten(), dim=0)
         assert cos > 0.99, (n, float(cos))
-    assert all(b_.dtype == torch.float32 for b_ in mbf.rotary.buffers())
-    assert obf.loss.item() == pytest.approx(o32.loss.item(), rel=2e-2)
+
+
+def test_bf16_autocast_rounds_only_the_logits_not_the_log_softmax():
+    """stage2_train.precision's promise for the loss: under bf16 autocast the lm_head's logits
+    are bf16, but the log-softmax and the soft cross-entropy are computed in fp32 from them
+    (autocast leaves log_softmax of a bf16 tensor in bf16 on CPU; losses.py upcasts first).
+    Reference: the same bf16 logits, CE in float64."""
+    from stage2_train.losses import chunked_ce
+
+    m = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(1, 40, 32, generator=g)
+    idx = torch.randint(0, 16, (1, 40, 4), generator=g)
+    prob = torch.softmax(torch.randn(1, 40, 4, generator=g), -1)
+    with torch.no_grad(), compute_context(CPU, torch.bfloat16):
+        logits = m.logits(out)
+        ce, top = chunked_ce(m, out, idx, prob)
+    assert logits.dtype == torch.bfloat16
+    logp = torch.log_softmax(logits.double(), -1)
+    want = -(prob.double() * logp.gather(-1, idx)).sum(-1)
+    assert ce.dtype == torch.float32
+    assert (ce.double() - want).abs().max() < 1e-5          # fp32 accuracy; a bf16 log-softmax is off by ~1e-2
+    assert torch.equal(top, logits.float().argmax(-1))
+
+
+@pytest.mark.xfail(strict=True, reason="stage2_train/ttt_attention.py _block_scores: its matmul runs in bf16 under "
+                                        "autocast (the .to(fp32) before it does not stop autocast), so lse0 is "
+                                        "bf16-accurate (error ~2e-2), not fp32 as precision.py says; reported")
+def test_ttt_attention_log_sum_exp_accumulates_in_fp32_under_autocast():
+    """precision.py: 'the TTT attention accumulates its log-sum-exp in fp32, so only the matmul
+    inputs are rounded'. Reference: float64 over the bf16-rounded q and k."""
+    from stage2_train.ttt_attention import causal_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 16, generator=g), torch.randn(1, 4, 64, 16, generator=g)
+    qb, kb = q.bfloat16().double(), k.bfloat16().double()
+    s = (qb @ kb.transpose(-1, -2)) * 0.25
+    want = torch.logsumexp(s.masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), float("-inf")), -1)
+    with compute_context(CPU, torch.bfloat16):
+        got = causal_lse(q, k, 0.25)
+    assert (got.double() - want).abs().max() < 1e-4
 
 
 def test_stage3_head_computes_in_the_target_dtype_with_fp32_rope(tmp_path, tiny_llama_dir):

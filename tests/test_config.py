@@ -145,7 +145,6 @@ def test_data_inspect_json_sample(inspect_setup):
 
 
 def test_data_inspect_stats(inspect_setup):
-    from stage1_extract.tokenize import tokenize_conversation
     from transformers import AutoTokenizer
 
     cfg, data, tdir = inspect_setup
@@ -154,13 +153,17 @@ def test_data_inspect_stats(inspect_setup):
     got = json.loads(res.stdout)
     tok = AutoTokenizer.from_pretrained(str(tdir))
     rows = [json.loads(x) for x in data.read_text().splitlines()]
+    # Counted by hand, not with stage 1's tokenizer code: the ChatML text rendered here, its
+    # ids, and as loss tokens each assistant answer's ids plus its <|im_end|> (the byte-level
+    # BPE splits at the newline before an answer and at special tokens, so answers tokenize alone).
     lens, loss = [], 0
     for r in (rows[0], rows[2]):
         msgs = r.get("messages") or [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
                                      for t in r["conversations"]]
-        ts = tokenize_conversation(tok, msgs, max_length=2048)
-        lens.append(len(ts.input_ids))
-        loss += sum(ts.loss_mask)
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        lens.append(len(tok(text, add_special_tokens=False)["input_ids"]))
+        loss += sum(len(tok(m["content"], add_special_tokens=False)["input_ids"]) + 1
+                    for m in msgs if m["role"] == "assistant")
     assert got["samples_read"] == 3 and got["kept"] == 2 and got["skipped"] == {"unknown role": 1}
     assert got["tokens"] == sum(lens) and got["loss_tokens"] == loss and got["truncated"] == 0
     assert got["length_percentiles"] == {"p50": min(lens), "p90": max(lens), "p99": max(lens), "max": max(lens)}

@@ -110,14 +110,20 @@ def test_every_chunk_is_decoded_once(reader, monkeypatch):
 
 
 def test_stopping_early_leaves_no_thread_behind(reader):
+    """Every thread the loader starts (decode pool, reader, collate, whatever their names) has
+    ended shortly after the consumer stops early; none is left waiting forever."""
     import threading
+    import time
 
     o = order_of(reader)
-    before = threading.active_count()
+    before = set(threading.enumerate())
     it = iter(CacheLoader(reader, o.arrivals, o.batches, np.arange(reader.vocab_size), threads=2))
     next(it)
+    started = set(threading.enumerate()) - before
+    assert len(started) >= 3  # 2 decode threads at least one of which ran, the reader, the collate thread
     it.close()
-    for t in threading.enumerate():
-        if t.name.startswith(("eagle3-rows", "eagle3-collate")):
-            t.join(timeout=5)
-    assert threading.active_count() <= before + 2  # decode pool threads exit once idle
+    deadline = time.monotonic() + 10
+    for t in started:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    alive = sorted(t.name for t in started if t.is_alive())
+    assert not alive, f"threads still alive 10 s after the consumer stopped: {alive}"

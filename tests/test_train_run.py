@@ -90,6 +90,61 @@ def most_frequent_baseline(cache: Path, idx) -> float:
     return float(np.bincount(top).max() / len(top))
 
 
+def hand_counted(head: Path, cache: Path, idx, compute_dtype=None) -> dict:
+    """acc_0, acc_1 and the step-0 loss of a head on samples `idx`, counted here sample by sample
+    through the head's inference path (`step` with a KV cache and an explicit mask), not through
+    stage 2's batching, teacher, TTT unroll or evaluate_model.
+
+    DESIGN.md section 3: row t holds x_t, the features at t and the target's distribution for
+    x_{t+1}. Step 0 at row t reads f_t and the embedding of x_{t+1} at position t, and is
+    compared with row t+1's top-1 (the target's x_{t+2}) when x_{t+2} is a loss token; step 1
+    reads step 0's output at t and x_{t+2} at position t+1, attends to the step-0 keys <= t and
+    its own key, and is compared with row t+2 when x_{t+3} is a loss token.
+    """
+    from schemas.cache import bits_to_bf16
+    from stage2_train.precision import compute_context
+
+    r = CacheReader(cache)
+    model = load_model(head, r)
+    in_draft = model.t2d.numpy()
+    hits, counted, ce_sum, ce_n = [0, 0], [0, 0], 0.0, 0
+    for i in idx:
+        s = r.sample(int(i))
+        ids = torch.from_numpy(s["input_ids"].astype(np.int64))[None]
+        lm, tids, tlps = s["loss_mask"].astype(bool), s["topk_ids"], s["topk_logprobs"].astype(np.float64)
+        hid = bits_to_bf16(s["hidden"]).float().reshape(1, ids.shape[1], -1)
+        T = ids.shape[1]
+        with torch.no_grad(), compute_context(torch.device("cpu"), compute_dtype):
+            pos = torch.arange(T - 1)[None]
+            out0, (k0, v0) = model.step(model.fuse(hid[:, :T - 1]), ids[:, 1:], pos)
+            logits0 = model.logits(out0).double()[0]
+            L1 = T - 2
+            mask = torch.zeros(L1, 2 * L1, dtype=torch.bool)
+            mask[:, :L1] = torch.ones(L1, L1, dtype=torch.bool).tril()
+            mask[:, L1:] = torch.eye(L1, dtype=torch.bool)
+            out1, _ = model.step(out0[:, :L1], ids[:, 2:], pos[:, :L1] + 1, past=(k0[:, :, :L1], v0[:, :, :L1]),
+                                 attn_mask=mask[None, None])
+            logits1 = model.logits(out1).double()[0]
+        for k, logits in enumerate((logits0, logits1)):
+            draft = model.draft_to_target(logits.argmax(-1)).numpy()
+            for t in range(len(draft)):
+                if t + k + 2 < T and lm[t + k + 2]:
+                    counted[k] += 1
+                    hits[k] += int(draft[t] == tids[t + k + 1, 0])
+        logp = torch.log_softmax(logits0, -1).numpy()
+        d_of = np.cumsum(in_draft) - 1  # target id -> draft id inside the draft vocab
+        for t in range(T - 2):
+            row = t + 1
+            if not lm[t + 2] or not in_draft[tids[row, 0]]:
+                continue
+            keep = in_draft[tids[row]]
+            p = np.exp(tlps[row][keep] - tlps[row][keep].max())
+            p /= p.sum()
+            ce_sum -= float((p * logp[t, d_of[tids[row][keep]]]).sum())
+            ce_n += 1
+    return {"acc": [h / c for h, c in zip(hits, counted)], "loss_0": ce_sum / ce_n, "hits": hits, "counted": counted}
+
+
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory):
     d = tmp_path_factory.mktemp("s2learn")
@@ -117,7 +172,12 @@ def test_learns_well_above_most_frequent_token(trained, cache):
     table = (head / "heldout_table.md").read_text()
     assert "| 0 | " in table and "| 2 | " in table and "simulated acceptance length" in table
     assert "Per-position metrics" in stdout
-    # offline_metrics (stage 3's entry) reproduces the held-out numbers from the head dir alone
+    # the held-out accuracy, counted by hand (another code path), and stage 3's offline_metrics
+    # from the head dir alone, agree with the training's table
+    hand = hand_counted(head, cache, val)
+    print("hand count", hand)
+    np.testing.assert_allclose(held["acc"][:2], hand["acc"], atol=1e-9)
+    assert held["loss"][0] == pytest.approx(hand["loss_0"], rel=1e-4)
     m = offline_metrics(head, cache, split="val")
     np.testing.assert_allclose(m["acc"], held["acc"], atol=1e-9)
     assert m["simulated_tau"] == pytest.approx(held["simulated_tau"])
@@ -277,5 +337,12 @@ def test_bf16_compute_trains_and_offline_metrics_reproduce_it(cache, tmp_path):
     held = config["training"]["heldout"]
     m = offline_metrics(tmp_path / "head", cache, split="val")
     np.testing.assert_allclose(m["acc"], held["acc"], atol=1e-9)
+    # Counted by hand in both precisions: the offline numbers are the bf16 ones, not fp32's.
+    _, val = split_indices(len(CacheReader(cache)), 0.15, 0)
+    hb = hand_counted(tmp_path / "head", cache, val, compute_dtype=torch.bfloat16)
+    hf = hand_counted(tmp_path / "head", cache, val)
+    print("hand count bf16", hb, "fp32", hf, "offline", m["loss"][0], m["acc"][:2])
+    assert abs(m["loss"][0] - hb["loss_0"]) < 0.25 * abs(hb["loss_0"] - hf["loss_0"])
+    np.testing.assert_allclose(m["acc"][:2], hb["acc"], atol=2.0 / min(hb["counted"]))
     rows = [json.loads(ln) for ln in (tmp_path / "head" / "metrics.jsonl").read_text().splitlines()]
     assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])

@@ -262,25 +262,54 @@ def test_eval_engine_both_token_identical_with_engine_table(tiny_trained, vllm_p
 
 @pytest.mark.vllm
 def test_vllm_regeneration_resumes_after_a_kill_identical_to_hf(tiny_trained, vllm_python, tmp_path):
+    """`eagle3 regenerate` with the vLLM engine is SIGKILLed (with its engine worker) once some
+    conversations are written, the file is left with half a line as a kill during a write would
+    leave it, and the same command then finishes: byte-identical to the HF engine's file."""
+    import signal
+    import time
+
     from tiny import sharegpt_rows, write_jsonl
 
     from stage1_extract.regenerate import run_regenerate
 
     _, target, _ = tiny_trained
-    data = write_jsonl(tmp_path / "train.jsonl", sharegpt_rows(8, seed=3, turns=2))
+    n = 24
+    data = write_jsonl(tmp_path / "train.jsonl", sharegpt_rows(n, seed=3, turns=2))
     raw = {"target": {"path": str(target), "dtype": "float32"},
            "data": {"train": [str(data)], "max_length": 256,
                     "regenerate": {"enabled": True, "output": str(tmp_path / "hf.jsonl"), "max_new_tokens": 16,
-                                   "batch_size": 3}},
+                                   "batch_size": 1}},
            "vllm": {"python": str(vllm_python), "kv_cache_gib": 0.25, "max_model_len": 512}}
     full = run_regenerate(load_config(raw=raw), progress=False).read_bytes()
     lines = full.splitlines(keepends=True)
-    assert len(lines) == 8 and all(len(json.loads(x)["conversations"]) == 4 for x in lines)
-    # A kill during the fourth line's write: three whole lines and half of the fourth.
+    assert len(lines) == n and all(len(json.loads(x)["conversations"]) == 4 for x in lines)
+
     out = tmp_path / "vllm.jsonl"
-    out.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
-    shutil.copy(tmp_path / "hf.jsonl.meta.json", tmp_path / "vllm.jsonl.meta.json")
-    got = run_regenerate(load_config(raw=raw, overrides=[f"data.regenerate.output={out}",
-                                                         "data.regenerate.engine=vllm"]), progress=False)
-    assert got.read_bytes() == full  # resumed without duplicates, the same answers as the HF engine
+    cfg = tmp_path / "vllm.yaml"
+    raw["data"]["regenerate"].update(output=str(out), engine="vllm")
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "regenerate", str(cfg), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_file() and out.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the engine worker it started
+        proc.wait()
+    written = out.read_bytes() if out.is_file() else b""
+    assert 2 <= written.count(b"\n") < n, ("the run was not killed part-way", proc.returncode,
+                                             proc.stderr.read()[-2000:])
+    assert proc.returncode == -signal.SIGKILL
+    assert full.startswith(written)  # whatever it wrote before the kill is the HF answers' prefix
+    if written.endswith(b"\n"):  # also a kill in the middle of a write: half of the next line
+        nxt = lines[written.count(b"\n")]
+        out.write_bytes(written + nxt[: len(nxt) // 2])
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert out.read_bytes() == full  # resumed without duplicates, the same answers as the HF engine
     assert "conversations written" in (tmp_path / "vllm.jsonl.vllm.log").read_text()

@@ -1,0 +1,124 @@
+"""`eagle3 plan`: figures against independent counts (a real head's parameters, the cache layout
+by hand, the data tokenized by stage 1) and against measurements (bench/plan_vs_measured.py:
+peak RSS of stage 1 and stage 2 on the CPU, `shards stats` of a real SmolLM2 cache)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.plan import Shape, head_params
+
+ROOT = Path(__file__).resolve().parents[1]
+MINICPM4 = ["configs/minicpm4-8b.yaml", "--target-config", "configs/targets/minicpm4-8b.json",
+            "--tokens", "102400000", "--samples", "100000"]
+runner = CliRunner()
+
+
+def plan_json(*args) -> dict:
+    r = runner.invoke(app, ["plan", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs name paths relative to the repository
+
+
+def test_head_parameters_match_a_real_head():
+    """The plan's head size against the parameters of stage 2's own Eagle3Draft (built on meta)."""
+    from schemas.head import make_head_config
+    from stage2_train.model import Eagle3Draft
+
+    c = json.loads((ROOT / "configs/targets/minicpm4-8b.json").read_text())
+    with torch.device("meta"):
+        m = Eagle3Draft(make_head_config(c, draft_vocab_size=32000, layer_ids=[2, 16, 29]))
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert head_params(Shape.from_config(c), 32000) == trainable == 437_272_576
+
+
+def test_minicpm4_plan_json_figures():
+    f = plan_json(*MINICPM4)
+    # raw bytes per token by hand: ids 4 + mask 1 + hidden 3 x 4096 x 2 + top-64 ids 4 x 64 + log-probs 2 x 64
+    assert f["cache_raw_bytes_per_token"] == 4 + 1 + 3 * 4096 * 2 + 64 * 4 + 64 * 2 == 24965
+    assert f["cache_bytes_total"] == pytest.approx(f["cache_bytes_per_token"] * 102_400_000, rel=1e-5)
+    assert 1.9e12 < f["cache_bytes_total"] < 2.2e12            # the config's own comment: ~2.07 TB
+    assert f["cache_bytes_total_fp8"] < 0.7 * f["cache_bytes_total_bf16"]
+    g = f["stage2_gpu"]
+    assert f["stage2_gpu_bytes_per_rank"] == g["total"] and f["stage2_zero_stage"] == 2
+    assert g["weights"] == 437_272_576 * 2 + 73448 * 4096 * 2 + 73448 + 8 * 32000
+    assert f["target"]["params"] == pytest.approx(8.19e9, rel=0.01)
+    assert f["stage1_gpu"]["weights"] == f["target"]["params"] * 2
+    assert f["warnings"] == []
+
+
+def test_more_nodes_shrink_the_partitioned_states_and_the_time():
+    one, four = plan_json(*MINICPM4), plan_json(*MINICPM4, "--nodes", "4")
+    assert four["gpus"] == 32
+    assert four["stage2_gpu"]["optimizer"] == pytest.approx(one["stage2_gpu"]["optimizer"] / 4)
+    assert four["stage2_gpu"]["weights"] == one["stage2_gpu"]["weights"]      # ZeRO-2 keeps whole weights
+    assert four["stage2_hours"] == pytest.approx(one["stage2_hours"] / 4)
+    assert four["cache_bytes_total"] == one["cache_bytes_total"]
+
+
+def test_a_job_that_does_not_fit_is_named():
+    r = runner.invoke(app, ["plan", *MINICPM4, "--gpu-mem", "16"])
+    assert r.exit_code == 0, r.output
+    assert "WARNING: stage 1 (target + one extraction batch) needs 21.7 GiB, more than 90% of the 16 GiB " \
+           "assumed per GPU (--gpu-mem)" in r.stdout
+    assert "stage 2 GPU / rank" in r.stdout and "cache total" in r.stdout
+
+
+def test_missing_target_names_the_option():
+    r = runner.invoke(app, ["plan", "configs/minicpm4-8b.yaml", "--tokens", "1000"])
+    assert r.exit_code == 1
+    assert "target.path /path/to/MiniCPM4-8B" in r.stderr and "--target-config FILE" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_data_counted_from_the_files_equals_stage1_tokenization(tmp_path):
+    """Every conversation probed (fewer than 256): the plan's token total is what stage 1 tokenizes."""
+    from schemas.config import load_config
+    from schemas.target import load_tokenizer
+    from stage1_extract.tokenize import build_samples
+    from tiny import sharegpt_rows, tiny_target, write_jsonl
+
+    t = tiny_target(tmp_path / "t", "llama")
+    data = write_jsonl(tmp_path / "d.jsonl", sharegpt_rows(20, seed=3, turns=2))
+    raw = {"target": {"path": str(t)}, "data": {"train": [str(data)], "max_length": 96}}
+    cfg = load_config(raw=raw)
+    samples, _ = build_samples(cfg, load_tokenizer(cfg.target))
+    (tmp_path / "c.yaml").write_text(json.dumps(raw))
+    f = plan_json(str(tmp_path / "c.yaml"))
+    assert f["data"]["samples"] == len(samples) == 20
+    assert f["data"]["tokens"] == sum(len(s.input_ids) for s in samples)
+    assert any(len(s.input_ids) == 96 for s in samples)             # capped at max_length like stage 1
+
+
+def test_plan_against_measured_peaks(tmp_path):
+    """bench/plan_vs_measured.py --quick: stage-1 host memory and stage-2 memory against peak RSS."""
+    out = tmp_path / "pvm.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench/plan_vs_measured.py"), "--quick", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    print(p.stdout)
+    bad = [(r["what"], round(r["ratio"], 3)) for r in rows if not r["ok"]]
+    assert not bad, bad
+
+
+@pytest.mark.real_model
+def test_cache_bytes_against_a_real_cache(tmp_path, smollm2_target, shared_data):
+    out = tmp_path / "pvm.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench/plan_vs_measured.py"), "--quick", "--only", "",
+                        "--real", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert abs(row["ratio"] - 1) <= 0.05, row
