@@ -215,13 +215,13 @@ def test_another_checkpoint_of_the_same_shapes_cannot_extend_the_cache(made, c, 
     _, cfg = made
     other = tiny_target(tmp_path / "other", "llama", seed=7)  # same shapes, same file names and sizes
     shutil.rmtree(shards_dir(c) / shard_name(1))  # a resumed run would write shard 1
-    meta = json.loads((c / "cache.json").read_text())
-    mine = meta["target"]["weights_sampled_sha256"]
     run = lambda t: run_extract(cfg.model_copy(update={"target": cfg.target.model_copy(update={"path": str(t)}),  # noqa: E731
                                                        "extract": cfg.extract.model_copy(update={"cache": str(c)})}),
                                 progress=False)
     with pytest.raises(CacheError) as e:
         run(other)
+    meta = json.loads((c / "cache.json").read_text())
+    mine = meta["target"]["weights_sampled_sha256"]
     msg = str(e.value)
     assert f"target weights (content: sha256 of sampled blocks): cache has {mine[:16]}... (target " in msg, msg
     assert f"this run has " in msg and str(other) in msg and "(target /" in msg
