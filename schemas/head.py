@@ -135,7 +135,7 @@ def check_export_dir(out_dir: str | Path, force: bool = False) -> None:
         return
     if d.kind == "export":
         if not force:
-            raise HeadError(f"export: {out_dir} holds an earlier export; pass --force to overwrite it "
+            raise HeadError(f"export: {out_dir} is not empty; pass --force to overwrite the export there "
                             f"(or choose a new directory)")
         return
     what = {"file": "is a file", "head": "holds a trained head (a train.output, not an export)",

@@ -199,7 +199,7 @@ def test_export_force_overwrites_only_an_earlier_export(head_dir, tmp_path):
     assert runner.invoke(app, ["export", str(head_dir), str(out)]).exit_code == 0
     assert classify(out).kind == "export" and (out / MARKER).is_file()
     res = runner.invoke(app, ["export", str(head_dir), str(out)])
-    one_line_error(res, "holds an earlier export; pass --force")
+    one_line_error(res, "is not empty; pass --force to overwrite the export there")
     assert runner.invoke(app, ["export", str(head_dir), str(out), "--force"]).exit_code == 0
     # an export made before markers existed (its config's `export` block) is still ours
     (out / MARKER).unlink()
