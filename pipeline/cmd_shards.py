@@ -32,7 +32,15 @@ def list_shards(root: Path) -> list[dict]:
     d = shards_dir(root)
     if not d.is_dir():
         return rows
+    from schemas.cache_check import outside_links
+
     for p in sorted(d.iterdir(), key=lambda q: q.name.lstrip(".")):
+        links = outside_links(root, p) if p.is_symlink() else []
+        if links:  # never walked: a link to / would list the whole file system
+            rows.append({"shard": int(p.stem) if p.stem.isdigit() else None, "name": p.name,
+                         "status": f"refused: a symlink out of the cache ({links[0].split(' -> ')[-1]})",
+                         "samples": None, "tokens": None, "loss_tokens": None, "disk_bytes": None, "ratio": None})
+            continue
         if not p.is_dir():
             continue
         disk = dir_bytes(p)
@@ -86,11 +94,12 @@ def verify_cache(root: Path) -> dict:
     notes = []
     for row in list_shards(root):
         if row["status"] != "committed":
-            notes.append(f"{row['name']}: {row['status']} (ignored by readers)")
+            if not row["status"].startswith("refused"):  # a link out of the cache is listed as inconsistent
+                notes.append(f"{row['name']}: {row['status']} (ignored by readers)")
             continue
         checked += 1
         problems = verify_shard(shards_dir(root) / row["name"], hidden_size=H, topk=K, vocab_size=V,
-                                hidden_dtype=meta.get("hidden_dtype", "bfloat16"))
+                                hidden_dtype=meta.get("hidden_dtype", "bfloat16"), layers=meta.get("layers"))
         if problems:
             bad[row["name"]] = problems
     expected = meta.get("num_shards")
@@ -247,6 +256,11 @@ def register(app: typer.Typer) -> None:
         """One row per shard: samples, tokens, loss tokens, bytes on disk, compression ratio, status."""
         _load_meta(cache)
         rows = list_shards(cache)
+        for r in rows:
+            if r["status"].startswith("refused"):
+                console.print(f"warning: shards/{r['name']}: {r['status']}: not read (readers refuse this cache; "
+                              "EAGLE3_FOLLOW_SYMLINKS=1 follows such links)", highlight=False, markup=False,
+                              soft_wrap=True)
         if as_json:
             _print_json(rows)
             return
@@ -333,6 +347,9 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def index(cache: Path = CACHE, as_json: bool = JSON) -> None:
         """Rebuild manifest.parquet from the committed shards' shard.json files."""
+        from schemas.dirkind import ensure_writable
+
+        ensure_writable(cache, ("cache",), "shards index: CACHE", hint="Give an eagle3 cache directory.")
         _load_meta(cache)
         path = build_manifest(cache)
         import pyarrow.parquet as pq

@@ -1,6 +1,7 @@
 """`eagle3 train` (stage 2) and `eagle3 export` (a servable head for SGLang / vLLM)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -62,9 +63,11 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def _train(config: str, overrides, restart: bool, progress: bool) -> None:
+    from stage2_train.run_state import check_output_dir
     from stage2_train.trainer import run_train
 
     cfg = get_config(config, overrides)
+    check_output_dir(Path(cfg.train.output))  # a model's directory or a file: one line, before any work
     head = run_train(cfg, restart=restart, progress=progress)
     import torch.distributed as dist
 

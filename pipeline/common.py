@@ -10,14 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from schemas.config import ConfigError, RunConfig, load_config
+from schemas.dirkind import UnsafeDirError
 from schemas.disk import DiskFullError, exception_chain, is_disk_full
+from schemas.finite import NonFiniteError
 from schemas.locks import LockBusy
 
 console = Console(stderr=True)
 out = Console()
 
 # Errors whose message is the whole story for a user: print it, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, LockBusy, DiskFullError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, LockBusy, DiskFullError,
+                                                UnsafeDirError, NonFiniteError)
 
 
 def register_user_error(exc: type[BaseException]) -> None:

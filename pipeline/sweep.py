@@ -30,6 +30,19 @@ def sweep_dir(cfg: RunConfig) -> Path:
     return Path(cfg.sweep.output) if cfg.sweep.output else Path(cfg.train.output.rstrip("/") + "-sweep")
 
 
+def claim_sweep_dir(cfg: RunConfig, *, write: bool = True) -> Path:
+    """The sweep dir, checked (new, empty or an earlier sweep: schemas.dirkind) and marked as a sweep."""
+    from schemas.dirkind import ensure_writable, mark
+
+    d = sweep_dir(cfg)
+    ensure_writable(d, ("missing", "empty", "sweep"), "sweep.output" if cfg.sweep.output else
+                    "the sweep directory (<train.output>-sweep)",
+                    hint="Set sweep.output to a new or empty directory (or an earlier sweep's to continue it).")
+    if write:
+        mark(d, "sweep", "eagle3 sweep")
+    return d
+
+
 def _slug(v: Any) -> str:
     s = json.dumps(v) if not isinstance(v, str) else v
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", s).strip("_") or "x"
@@ -160,6 +173,7 @@ def build_table(cfg: RunConfig, rows: list[dict], **extra) -> dict:
 def run_sweep(cfg: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Locally: the cache (regenerate + extract, skipped when done), then every point in sequence."""
     points = grid_points(cfg)
+    claim_sweep_dir(cfg)
     t0 = time.perf_counter()
     pre = [run_stage(cfg, s, progress, log=log) for s in ("regenerate", "extract")]
     extract_s = next((r.seconds if r.status == "ran" else (r.info.get("previous_seconds"))
@@ -200,6 +214,7 @@ def submit_sweep(cfg: RunConfig, *, executor: str = "slurm", dry_run: bool = Fal
     from pipeline.submit import (JobSpec, freeze_config, jobs_dir, plan, slurm_params, submit_specs)
 
     points = grid_points(cfg)
+    claim_sweep_dir(cfg, write=not dry_run)
     jdir = (jobs_dir(cfg) / "sweep").resolve()
     cwd = str(Path.cwd())
     cfg_file = str(jdir / "config.yaml")

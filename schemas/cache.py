@@ -274,7 +274,10 @@ def _commit_shard(root: str | Path, tmp: Path, final: Path) -> None:
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the files under path; symlinks are counted as links, never followed."""
+    if os.path.islink(path):
+        return os.lstat(path).st_size
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _dirs, files in os.walk(path) for f in files)
 
 
 def build_manifest(cache_root: str | Path) -> Path:
@@ -330,17 +333,22 @@ class ShardReader:
     CacheError naming the shard, the array and what is wrong. Picklable.
     """
 
-    def __init__(self, path: Path, hidden_dtype: str = "bfloat16"):
+    def __init__(self, path: Path, hidden_dtype: str = "bfloat16", dims: Optional[dict] = None):
+        """`dims`: cache.json's hidden_size / topk / vocab_size, when known: every array's shape is then
+        checked in full (trailing dimensions too) before anything is allocated from it."""
         from schemas.cache_read import ChunkedArray, warn_once
 
         self.path = Path(path)
         try:
             self.info = json.loads((self.path / SHARD_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CacheError(f"{self.path}: {SHARD_JSON} is unreadable ({e})") from None
+        if not isinstance(self.info, dict):
+            raise CacheError(f"{self.path}/{SHARD_JSON}: not a JSON object")
         self.hidden_dtype = hidden_dtype
         self.layout = layout(hidden_dtype)
-        self._arrays: dict[str, ChunkedArray] = {n: ChunkedArray(self.path, n) for n in self.layout}
+        shapes = self._expected_shapes(dims or {})
+        self._arrays: dict[str, ChunkedArray] = {n: ChunkedArray(self.path, n, shapes.get(n)) for n in self.layout}
         self._small: dict[str, np.ndarray] = {}
         self._check_metadata()
         if not all(self._arrays[n].chunk_crc for n in stored_row_arrays(hidden_dtype)):
@@ -348,12 +356,21 @@ class ShardReader:
                       "(written before they existed): a changed byte in a chunk is caught only by "
                       "`eagle3 shards verify`; missing or empty chunks are still refused")
 
-    def _check_metadata(self) -> None:
-        """dtype / shape of each array vs the layout and shard.json; offsets vs samples / tokens."""
+    def _expected_shapes(self, dims: dict) -> dict[str, tuple]:
+        """Each array's shape from shard.json's counts and cache.json's dims (None: not known here)."""
         info, where = self.info, str(self.path)
         for key in ("samples", "tokens"):
             if not isinstance(info.get(key), int) or isinstance(info.get(key), bool) or info[key] < 0:
                 raise CacheError(f"{where}/{SHARD_JSON}: '{key}' is {info.get(key)!r}, not a count")
+        T, N = info["tokens"], info["samples"]
+        H, K, V = dims.get("hidden_size"), dims.get("topk"), dims.get("vocab_size")
+        return {"input_ids": (T,), "loss_mask": (T,), "hidden": (T, 3, H), "topk_ids": (T, K),
+                "topk_logprobs": (T, K), "offsets": (N + 1,), "sample_index": (N,), "token_counts": (V,),
+                "hidden_scale": (T, 3)}
+
+    def _check_metadata(self) -> None:
+        """dtype / shape of each array vs the layout and shard.json; offsets vs samples / tokens."""
+        info, where = self.info, str(self.path)
         T, N = info["tokens"], info["samples"]
         rows = {n: T for n in stored_row_arrays(self.hidden_dtype)}
         rows.update(offsets=N + 1, sample_index=N)
@@ -423,10 +440,15 @@ def read_cache_json(root: str | Path) -> dict:
         raise CacheError(f"{root} is not an eagle3 cache: {CACHE_JSON} is missing")
     try:
         meta = json.loads(cj.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheError(f"{cj}: not valid JSON ({e})") from None
-    if meta.get("schema") != SCHEMA_ID:
+    if isinstance(meta, dict) and meta.get("schema") != SCHEMA_ID:
         raise CacheError(f"{cj}: schema {meta.get('schema')!r} is not {SCHEMA_ID!r}")
+    from schemas.cache_check import cache_json_problems
+
+    problems = cache_json_problems(meta)  # every reader relies on these fields: checked before any is used
+    if problems:
+        raise CacheError(f"{cj}: " + "; ".join(problems) + " (an edited or damaged cache.json)")
     return meta
 
 
@@ -456,7 +478,8 @@ class CacheReader:
             layout(self.hidden_dtype)
         except CacheError as e:
             raise CacheError(f"{cj}: {e}") from None
-        self.shards = {k: ShardReader(shards_dir(self.root) / shard_name(k), self.hidden_dtype)
+        dims = {"hidden_size": self.hidden_size, "topk": self.topk, "vocab_size": self.vocab_size}
+        self.shards = {k: ShardReader(shards_dir(self.root) / shard_name(k), self.hidden_dtype, dims)
                        for k in self.shard_ids}
         self.refs: list[SampleRef] = []
         for k in self.shard_ids:
@@ -522,21 +545,48 @@ class CacheReader:
 # --------------------------------------------------------------------------- verification
 
 
+def _nonfinite_problem(name: str, a: np.ndarray, fmt: str, row0: int, layers: Optional[list]) -> Optional[str]:
+    """'name: N non-finite values (first at row r, layer l, ...)' for a block of stored bits, None when finite."""
+    from schemas.finite import has_nonfinite, nonfinite_report
+
+    if not has_nonfinite(a, fmt):
+        return None
+    what = {"hidden": "hidden states", "hidden_scale": "fp8 scales", "topk_logprobs": "top-K log-probs"}.get(name, name)
+    slots = layers if name in ("hidden", "hidden_scale") else None
+    if name == "hidden_scale":  # [rows, 3]: the layer is the last axis
+        m = ~np.isfinite(a)
+        r, j = (int(x) for x in np.argwhere(m)[0])
+        lid = slots[j] if slots else j
+        return f"{name}: non-finite {what}: {int(m.sum())} (first at row {row0 + r}, layer {lid})"
+    return f"{name}: non-finite {what}: {nonfinite_report(a, fmt, row0, slots)}"
+
+
 def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, topk: Optional[int] = None,
-                 vocab_size: Optional[int] = None, hidden_dtype: str = "bfloat16") -> list[str]:
+                 vocab_size: Optional[int] = None, hidden_dtype: str = "bfloat16",
+                 layers: Optional[list] = None) -> list[str]:
     """Re-read every array of a committed shard; return its problems ('array: what'), [] when sound.
 
     Checks the shard.json schema, each array's dtype and shape against the counts in
-    shard.json (and cache.json's H / K / V when given), that it decodes, and its
-    sha256 against the checksum recorded at write time.
+    shard.json (and cache.json's H / K / V when given) before decoding anything, that it
+    decodes, that hidden states, fp8 scales and top-K log-probs are finite (naming the
+    row and the layer id of the first inf/NaN), and its sha256 against the checksum
+    recorded at write time. Nothing is read through a symlink out of the cache.
     """
     import zarr
 
+    from schemas.cache_check import outside_links
+    from schemas.cache_read import check_array_meta, finite_format
+
     p = Path(shard_path)
+    links = outside_links(p.parent.parent, p)
+    if links:
+        return [f"{x}: resolves outside the cache; not read" for x in links]
     try:
         info = json.loads((p / SHARD_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return [f"{SHARD_JSON}: unreadable ({e})"]
+    if not isinstance(info, dict):
+        return [f"{SHARD_JSON}: not a JSON object"]
     problems = []
     if info.get("schema") != SHARD_SCHEMA_ID:
         problems.append(f"{SHARD_JSON}: schema {info.get('schema')!r} is not {SHARD_SCHEMA_ID!r}")
@@ -549,27 +599,32 @@ def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, t
     sums = info.get("checksums", {})
     data: dict[str, np.ndarray] = {}
     for name, (stored, _logical) in layout(hidden_dtype).items():
-        try:
+        try:  # sizes first: nothing is allocated for a shape or chunk the counts do not allow
+            check_array_meta(json.loads((p / name / "zarr.json").read_text()), name,
+                             tuple(None if not isinstance(w, int) else w for w in expect[name]))
             arr = zarr.open_array(str(p / name), mode="r")
         except Exception as e:  # noqa: BLE001 - zarr raises many types for broken metadata
-            problems.append(f"{name}: cannot open ({type(e).__name__}: {e})")
+            problems.append(str(e) if isinstance(e, CacheError) else f"{name}: cannot open ({type(e).__name__}: {e})")
             continue
         if arr.dtype != np.dtype(stored):
             problems.append(f"{name}: dtype {arr.dtype}, expected {stored}")
-        want = expect[name]
-        if len(arr.shape) != len(want) or any(w is not None and s != w for s, w in zip(arr.shape, want)):
-            problems.append(f"{name}: shape {tuple(arr.shape)}, expected {tuple(want)}")
+            continue
         # stream in row blocks: a shard of a large target holds tens of GB of hidden states
         h = hashlib.sha256()
         h.update(str(np.dtype(arr.dtype)).encode() + str(tuple(arr.shape)).encode())
         block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
+        fmt, nonfinite = finite_format(name, arr.dtype), None
         try:
             for s in range(0, arr.shape[0], block):
                 a = np.ascontiguousarray(arr[s:s + block])
                 h.update(a.data)
+                if fmt and nonfinite is None:
+                    nonfinite = _nonfinite_problem(name, a, fmt, s, layers)
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails in the codec
             problems.append(f"{name}: cannot decode ({type(e).__name__}: {e})")
             continue
+        if nonfinite:
+            problems.append(nonfinite)
         if name not in sums:
             problems.append(f"{name}: no checksum in {SHARD_JSON}")
         elif h.hexdigest() != sums[name]:

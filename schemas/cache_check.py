@@ -17,7 +17,10 @@ metadata and the small per-shard arrays only (the bulk arrays are not read here)
   are checked for presence only, with a note printed once).
 
 `cache_problems` lists what is wrong ("shard 00003.zarr: ..."); `check_cache`
-raises a CacheError with the list.
+raises a CacheError with the list. `cache_json_problems` checks cache.json itself
+(an object, with the fields every reader uses, of the right types and in sane
+ranges) before anything else reads it. A shard directory, or any file in it, that
+resolves outside the cache (a symlink) is a problem unless EAGLE3_FOLLOW_SYMLINKS=1.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from schemas.cache import (ARRAYS, EMBED_FILE, SHARD_JSON, SHARD_SCHEMA_ID, TARGET_DIR, CacheError, shard_name,
                            shards_dir)
+from schemas.cache_read import check_array_meta
 
 MAX_LISTED = 12  # problems spelled out in one error message
 _NOTED: set[tuple[str, str]] = set()
@@ -42,6 +46,49 @@ def note_once(root: Path, text: str) -> None:
     if key not in _NOTED:
         _NOTED.add(key)
         print(f"note: {root}: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- cache.json itself
+
+# generous sanity limits: a value beyond them is an edited or corrupt cache.json, not a model
+LIMITS = {"hidden_size": 1 << 17, "vocab_size": 1 << 22, "num_hidden_layers": 1 << 12, "topk": 1 << 16,
+          "samples_per_shard": 1 << 24, "max_length": 1 << 24, "num_shards": 1 << 24, "num_samples": 1 << 34}
+
+
+def _count(v, key: str, positive: bool = True) -> Optional[str]:
+    if not isinstance(v, int) or isinstance(v, bool) or v < (1 if positive else 0) or v > LIMITS[key]:
+        return f"{key} is {v!r}, not {'a positive' if positive else 'a non-negative'} integer <= {LIMITS[key]}"
+    return None
+
+
+def cache_json_problems(meta) -> list[str]:
+    """What makes cache.json unusable before any shard is looked at (empty when it is sound)."""
+    if not isinstance(meta, dict):
+        return [f"not a JSON object (a {type(meta).__name__})"]
+    target = meta.get("target")
+    if not isinstance(target, dict):
+        return [f"target is {target!r}, not an object describing the target model"]
+    out = [p for p in (_count(target.get(k), k) for k in ("hidden_size", "vocab_size", "num_hidden_layers")) if p]
+    out += [p for p in (_count(meta.get("topk"), "topk"),) if p]
+    for key in ("samples_per_shard", "max_length"):
+        if key in meta and _count(meta[key], key):
+            out.append(_count(meta[key], key))
+    if "num_shards" in meta and _count(meta["num_shards"], "num_shards", positive=False):
+        out.append(_count(meta["num_shards"], "num_shards", positive=False))
+    data = meta.get("data", {})
+    if not isinstance(data, dict):
+        out.append(f"data is {data!r}, not an object")
+    elif "num_samples" in data and _count(data["num_samples"], "num_samples", positive=False):
+        out.append("data." + _count(data["num_samples"], "num_samples", positive=False))
+    layers = meta.get("layers")
+    if not (isinstance(layers, list) and len(layers) == 3
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        out.append(f"layers is {layers!r}, not a list of 3 layer ids")
+    elif not out and max(layers) > target["num_hidden_layers"]:
+        out.append(f"layers {layers} exceed the target's {target['num_hidden_layers']} layers")
+    if not out and meta["topk"] > target["vocab_size"]:
+        out.append(f"topk {meta['topk']} exceeds vocab_size {target['vocab_size']}")
+    return out
 
 
 # --------------------------------------------------------------------------- target/ files
@@ -99,6 +146,27 @@ def _shard_dirs(root: Path) -> dict[int, Path]:
             if p.is_dir() and p.suffix == ".zarr" and p.stem.isdigit() and not p.name.startswith(".")}
 
 
+def outside_links(root: Path, p: Path) -> list[str]:
+    """'name -> target' for p, or the entries under it, that resolve outside the cache; never walks out of it."""
+    import os
+
+    from schemas.cache_read import ChunkError, check_inside
+
+    def outside(q: Path, name: str) -> list[str]:
+        try:
+            check_inside(q, root, "")
+            return []
+        except ChunkError:
+            return [f"{name} -> {os.path.realpath(q)}"]
+
+    here = outside(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
+    if here:  # p itself leads out (a link to / included): nothing under it is looked at
+        return here
+    # only links can lead out: os.walk does not follow them, so every other entry is inside p
+    links = [Path(d) / n for d, dirs, files in os.walk(p) for n in [*dirs, *files] if os.path.islink(Path(d) / n)]
+    return [x for q in links for x in outside(q, str(q.relative_to(root)))]
+
+
 def _read_info(p: Path) -> tuple[Optional[dict], Optional[str]]:
     f = p / SHARD_JSON
     if not f.is_file():
@@ -121,6 +189,13 @@ def _expected_samples(meta: dict, k: int) -> Optional[int]:
 
 def _info_problems(k: int, info: dict, meta: dict) -> list[str]:
     out = []
+    T, N, L = info.get("tokens"), info.get("samples"), meta.get("max_length")
+    for key in ("samples", "tokens"):
+        v = info.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            out.append(f"{SHARD_JSON}: '{key}' is {v!r}, not a count")
+    if not out and isinstance(L, int) and T > N * L:
+        out.append(f"{SHARD_JSON}: {T} tokens in {N} samples, more than cache.json's max_length {L} allows")
     if info.get("schema") != SHARD_SCHEMA_ID:
         out.append(f"{SHARD_JSON}: schema {info.get('schema')!r} is not {SHARD_SCHEMA_ID!r}")
     if info.get("shard") != k:
@@ -152,9 +227,11 @@ def _array_meta_problems(p: Path, info: dict, meta: dict) -> list[str]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             out.append(f"array {name}: missing or unreadable metadata ({name}/zarr.json)")
             continue
-        shape, want = tuple(am.get("shape") or ()), shapes[name]
-        if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
-            out.append(f"array {name}: shape {shape}, expected {want} (shard.json counts, cache.json H/K/V)")
+        try:
+            check_array_meta(am, f"array {name}", shapes[name])
+        except CacheError as e:
+            out.append(str(e))
+            continue
         if name == "hidden":
             logical = (am.get("attributes") or {}).get("logical_dtype")
             if meta.get("hidden_dtype") and logical and logical != meta["hidden_dtype"]:
@@ -166,9 +243,9 @@ def _array_meta_problems(p: Path, info: dict, meta: dict) -> list[str]:
 
 
 def _small_array(p: Path, name: str) -> np.ndarray:
-    import zarr
+    from schemas.cache_read import ChunkedArray
 
-    return np.asarray(zarr.open_array(str(p / name), mode="r")[...])
+    return ChunkedArray(p, name)[...]  # sizes checked, crc32c checked, no symlink out of the cache
 
 
 def _index_problems(p: Path, info: dict) -> tuple[list[str], Optional[np.ndarray]]:
@@ -203,7 +280,14 @@ def _duplicate_problems(indices: dict[int, np.ndarray]) -> list[str]:
 def cache_problems(root: str | Path, meta: dict) -> list[str]:
     """Everything that makes the cache at root inconsistent (empty when it is sound)."""
     root = Path(root)
+    bad_json = cache_json_problems(meta)
+    if bad_json:
+        return [f"cache.json: {p}" for p in bad_json]
     problems = [p for p in _target_problems(root, meta)]
+    links = outside_links(root, shards_dir(root)) if shards_dir(root).exists() else []
+    if links:  # nothing is read through a link out of the cache
+        return problems + [f"{x}: resolves outside the cache (set EAGLE3_FOLLOW_SYMLINKS=1 to follow links out of "
+                           f"it)" for x in links]
     dirs = _shard_dirs(root)
     n = meta.get("num_shards")
     if n is None:

@@ -17,6 +17,16 @@ Integrity (every chunk read, not only `shards verify`):
 * a chunk that decodes to the wrong size, an unreadable zarr.json, a dtype or a row
   count that disagrees with shard.json / cache.json are `CacheError`s at open.
 Older caches without per-chunk checksums still open; the reader says so once.
+
+Trust (DESIGN.md section 9):
+* sizes: a zarr.json's shape and chunk shapes are checked (`check_array_meta`) before
+  anything is allocated from them: no chunk larger than its array, no array beyond the
+  counts the caller expects (a 25 KB file declaring 2 million rows is refused);
+* symlinks: an array whose directory or data file resolves outside the cache is refused
+  (EAGLE3_FOLLOW_SYMLINKS=1 follows such links, for caches assembled from several disks);
+* non-finite values: every decoded chunk of `hidden` (bf16 or e4m3 bits), `hidden_scale`
+  and `topk_logprobs` is checked for inf/NaN (schemas.finite: two max-reductions over the
+  bits), once per chunk and process, and refused with the shard, array, row and layer.
 """
 from __future__ import annotations
 
@@ -118,28 +128,88 @@ class _Unsupported(Exception):
     pass
 
 
+CHECK_FINITE = True  # bench/nonfinite_cost.py turns it off to measure what it costs
+_FINITE_OK: set = set()  # chunks already found finite: (file, inode, mtime, chunk, offset, nbytes)
+_FINITE_LOCK = threading.Lock()
+
+
+def finite_format(name: str, dtype: np.dtype) -> Optional[str]:
+    """How the stored bits of an array encode floats (schemas.finite.FORMATS), None for integers."""
+    if name == "hidden":
+        return {np.dtype(np.uint16): "bf16", np.dtype(np.uint8): "e4m3"}.get(np.dtype(dtype))
+    return "fp16" if np.dtype(dtype) == np.float16 else None
+
+
+def _int_list(v, what: str, where: str) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise ChunkError(f"{where}: zarr.json {what} is {v!r}, not a list of non-negative integers")
+    return v
+
+
+def check_array_meta(meta, where: str, expect_shape: Optional[tuple] = None) -> tuple[int, ...]:
+    """An array's zarr.json, before anything is allocated from it: shape (against `expect_shape`, None =
+    any), and every chunk no larger than the array (outer chunks may round its rows up once). Returns the shape."""
+    if not isinstance(meta, dict):
+        raise ChunkError(f"{where}: zarr.json is not a JSON object")
+    shape = tuple(_int_list(meta.get("shape"), "shape", where))
+    if expect_shape is not None and (len(shape) != len(expect_shape)
+                                     or any(w is not None and s != w for s, w in zip(shape, expect_shape))):
+        raise ChunkError(f"{where}: shape {shape} in zarr.json, expected {tuple(expect_shape)} "
+                         "(shard.json counts, cache.json H/K/V)")
+    grid = (meta.get("chunk_grid") or {}).get("configuration", {}) if isinstance(meta.get("chunk_grid"), dict) else {}
+    chunks = [("chunk_grid chunk_shape", grid.get("chunk_shape"))]
+    for c in meta.get("codecs") or []:
+        if isinstance(c, dict) and c.get("name") == "sharding_indexed":
+            chunks.append(("inner chunk_shape", (c.get("configuration") or {}).get("chunk_shape")))
+    for what, cs in chunks:
+        if cs is None:
+            continue
+        cs = _int_list(cs, what, where)
+        if len(cs) != len(shape):
+            raise ChunkError(f"{where}: zarr.json {what} {cs} does not match the shape {shape}")
+        limit = [2 * max(1, shape[0]) if what.startswith("chunk_grid") else max(1, shape[0]),
+                 *(max(1, x) for x in shape[1:])]
+        if any(c > lim or c == 0 for c, lim in zip(cs, limit)):
+            raise ChunkError(f"{where}: zarr.json declares chunks of {cs} ({what}) for an array of shape {shape}; "
+                             f"refusing to allocate for it (edited or corrupt metadata)")
+    return shape
+
+
+def check_inside(path: Path, root: Optional[Path], where: str) -> None:
+    """Refuse a path that resolves outside the cache root (a symlink out of it), unless EAGLE3_FOLLOW_SYMLINKS=1."""
+    if root is None or os.environ.get("EAGLE3_FOLLOW_SYMLINKS") == "1":
+        return
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise ChunkError(f"{where}: {path} resolves to {real}, outside the cache {root}; refusing to read it "
+                         f"(set EAGLE3_FOLLOW_SYMLINKS=1 to follow links out of the cache)")
+
+
 class ChunkedArray:
     """One array of a shard; `rows(a, b)` and `chunk(i)` decode whole inner chunks, each checked.
 
     Picklable (re-opens lazily in DataLoader workers). Thread-safe: reads use pread.
     """
 
-    def __init__(self, shard_path: Path, name: str):
+    def __init__(self, shard_path: Path, name: str, expect_shape: Optional[tuple] = None):
         self.path = Path(shard_path) / name
         self.shard = Path(shard_path).name
         self.name = name
         self.where = f"{shard_path}: array '{name}'"
+        self.root = Path(shard_path).parent.parent  # CACHE/shards/NNNNN.zarr
+        check_inside(self.path, self.root, self.where)
         try:
             meta = json.loads((self.path / "zarr.json").read_text())
         except FileNotFoundError:
             raise ChunkError(f"{self.where}: zarr.json is missing") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ChunkError(f"{self.where}: zarr.json is unreadable ({e})") from None
+        self.shape = check_array_meta(meta, self.where, expect_shape)
         try:
-            self.shape = tuple(int(s) for s in meta["shape"])
             self.dtype = np.dtype(meta["data_type"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ChunkError(f"{self.where}: zarr.json has no valid shape/data_type ({e})") from None
+            raise ChunkError(f"{self.where}: zarr.json has no valid data_type ({e})") from None
+        self.finite_fmt = finite_format(name, self.dtype)
         self.row_shape = self.shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         self.fast = True
@@ -149,6 +219,7 @@ class ChunkedArray:
             self.fast = False
             warn_once(f"layout:{e}", f"{e}: not the layout this reader decodes directly; reading through zarr")
         self._index: Optional[np.ndarray] = None
+        self._file_id: Optional[tuple] = None
         # zarr skipped chunks equal to fill_value before every chunk was written (caches without
         # chunk checksums): there an absent all-zero loss_mask chunk is legitimate; nothing else is
         self.allow_empty = name == "loss_mask" and not self.chunk_crc
@@ -156,6 +227,7 @@ class ChunkedArray:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_index"] = None
+        d["_file_id"] = None
         return d
 
     # ------------------------------------------------------------------ layout
@@ -182,6 +254,7 @@ class ChunkedArray:
         self.n_inner = -(-int(outer[0]) // self.chunk_rows)
         sep = (meta.get("chunk_key_encoding").get("configuration") or {}).get("separator", "/")
         self.file = self.path / sep.join(["c"] + ["0"] * len(self.shape))
+        check_inside(self.file, self.root, self.where)
 
     @property
     def chunk_crc(self) -> bool:
@@ -210,6 +283,8 @@ class ChunkedArray:
             raise ChunkError(f"{self.where}: data file {self.file.relative_to(self.path.parent)} is empty")
         if size < n:
             raise ChunkError(f"{self.where}: data file is {size} bytes, shorter than its {n}-byte index (truncated)")
+        st = self.file.stat()
+        self._file_id = (str(self.file), st.st_ino, st.st_mtime_ns)
         with open(self.file, "rb") as f:
             f.seek(size - n)
             raw = f.read(n)
@@ -253,7 +328,28 @@ class ChunkedArray:
                                 or not out.flags.c_contiguous):
             out = None
         raw = self.decoder.decode(buf, self.chunk_rows * self.row_bytes, where, out)
-        return raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
+        chunk = raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
+        self._check_finite(chunk[:b - a], (self._file_id, i, off, nb), a, where)
+        return chunk
+
+    def _check_finite(self, rows: np.ndarray, key, row0: int, where: str) -> None:
+        """Refuse inf/NaN in the rows of a float array; a chunk found finite is not checked again."""
+        if self.finite_fmt is None or not CHECK_FINITE:
+            return
+        if key is not None:
+            with _FINITE_LOCK:
+                if key in _FINITE_OK:
+                    return
+        from schemas.finite import has_nonfinite, nonfinite_report
+
+        if has_nonfinite(rows, self.finite_fmt):
+            raise ChunkError(f"{where}: {nonfinite_report(rows, self.finite_fmt, row0)}; the cache holds inf/NaN "
+                             f"(a target that overflowed?): `eagle3 shards verify` lists every such chunk")
+        if key is not None:
+            with _FINITE_LOCK:
+                if len(_FINITE_OK) > 1 << 20:
+                    _FINITE_OK.clear()
+                _FINITE_OK.add(key)
 
     def rows(self, start: int, stop: int, *, allow_empty: Optional[bool] = None) -> np.ndarray:
         """Rows start..stop (a fresh array), decoding every inner chunk they touch once."""
@@ -271,7 +367,8 @@ class ChunkedArray:
 
     def _cached_chunk(self, i: int, allow_empty: Optional[bool]) -> np.ndarray:
         """chunk(i) through a small process-wide LRU: sample-by-sample reads of one chunk decode it once."""
-        key = (str(self.file), i)
+        self._read_index()
+        key = (self._file_id, i)  # a file replaced under the same name (a re-written shard) is another file
         with _LRU_LOCK:
             hit = _LRU.pop(key, None)
             if hit is not None:
@@ -296,9 +393,15 @@ class ChunkedArray:
     def _zarr_rows(self, start: int, stop: int) -> np.ndarray:
         import zarr
 
-        if not any(self.path.joinpath("c").rglob("*")) and self.shape[0]:
+        check_inside(self.path / "c", self.root, self.where)
+        files = [Path(d) / n for d, dirs, names in os.walk(self.path / "c") for n in [*dirs, *names]]
+        for f in files:  # os.walk does not descend into symlinked directories; each link is checked here
+            check_inside(f, self.root, self.where)
+        if not files and self.shape[0]:
             raise ChunkError(f"{self.where}: no data files (deleted?); refusing to read it as zeros")
         try:
-            return np.asarray(zarr.open_array(str(self.path), mode="r")[start:stop])
+            rows = np.asarray(zarr.open_array(str(self.path), mode="r")[start:stop])
         except Exception as e:  # noqa: BLE001 - zarr raises many types on corrupt data
             raise ChunkError(f"{self.where}: rows {start}..{stop} cannot be decoded ({type(e).__name__}: {e})") from None
+        self._check_finite(rows, None, start, f"{self.where}: rows {start}..{stop}")
+        return rows

@@ -8,6 +8,8 @@ valid key. `key=value` overrides use dotted paths; values are parsed as YAML so
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
 import typing
 from pathlib import Path
@@ -48,8 +50,26 @@ def _holds_bool(v: Any) -> bool:
     return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
 
 
+def _nonfinite(v: Any) -> Optional[float]:
+    """The first inf/nan anywhere in a value (free-form dicts such as model_overrides and sweep.grid too)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return v
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+    return next((x for x in map(_nonfinite, items) if x is not None), None)
+
+
+def _nonempty_path(v: Any) -> Any:
+    """A path that is set must name something: '' would mean the working directory."""
+    for x in ([v] if isinstance(v, str) else v if isinstance(v, list) else []):
+        if isinstance(x, str) and not x.strip():
+            raise ValueError("must not be empty (an empty path means the working directory); leave the key out "
+                             "for its default")
+    return v
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `train.lr=inf` or `.nan` in YAML is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # pydantic's lax mode reads `true` as 1 for int/float fields (`extract.topk: true` -> K=1):
     # a boolean where a number is expected is a typo, never a value.
@@ -59,6 +79,10 @@ class _Section(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if field is not None and _holds_bool(v) and _numeric(field.annotation):
             raise ValueError("must be a number, not a boolean (true/false)")
+        section = field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        bad = None if section else _nonfinite(v)
+        if bad is not None:
+            raise ValueError(f"must be a finite number, not {bad}")
         if any(c in x for x in _strings(v) for c in _LINE_BREAKING):
             raise ValueError("must be a single line: newlines, carriage returns and NUL bytes are not allowed "
                              "(config values reach job scripts; give each setup line as its own list entry)")
@@ -78,6 +102,8 @@ class TargetConfig(_Section):
     convert_dir: Optional[str] = Field(
         None, description="where a .gguf target is converted to an HF dir (default: ~/.cache/eagle3/gguf)")
 
+    paths_nonempty = field_validator("path", "gguf_file", "convert_dir")(_nonempty_path)
+
 
 class RegenerateConfig(_Section):
     enabled: bool = False
@@ -91,6 +117,8 @@ class RegenerateConfig(_Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers generate; vllm = vLLM's offline "
                                           "batch API in the engine venv (see the vllm section)")
 
+    paths_nonempty = field_validator("output")(_nonempty_path)
+
 
 class DataConfig(_Section):
     train: list[str] = Field(default_factory=list)
@@ -102,6 +130,20 @@ class DataConfig(_Section):
     max_samples: Optional[int] = Field(None, gt=0)
     num_proc: int = Field(1, ge=1)
     regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig)
+
+    paths_nonempty = field_validator("train", "eval")(_nonempty_path)
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _listed_once(cls, v: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for i, p in enumerate(v):
+            key = os.path.realpath(os.path.expanduser(p))
+            if key in seen:
+                raise ValueError(f"{p!r} is listed twice (entries {seen[key]} and {i}): its samples would be "
+                                 "trained on twice")
+            seen[key] = i
+        return v
 
 
 class ExtractConfig(_Section):
@@ -118,6 +160,16 @@ class ExtractConfig(_Section):
     writer_threads: int = Field(0, ge=0, description="threads compressing a shard's chunks (0 = up to 4 cores)")
     hidden_dtype: Literal["bf16", "fp8"] = Field(
         "bf16", description="stored hidden states: bf16, or fp8 (e4m3 + one fp16 scale per token per layer)")
+
+    paths_nonempty = field_validator("cache", "eval_cache")(_nonempty_path)
+
+    @field_validator("layers")
+    @classmethod
+    def _low_mid_high(cls, v):
+        if isinstance(v, list) and (len(v) != 3 or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError("must be 3 distinct layer ids in increasing order (low, mid, high), e.g. [2, 16, 29]; "
+                             "the head's fc reads them in this order")
+        return v
 
 
 class TrainConfig(_Section):
@@ -163,6 +215,8 @@ class TrainConfig(_Section):
     model_overrides: dict[str, Any] = Field(
         default_factory=dict, description="draft config fields to override (rope_theta, max_position_embeddings, ...)")
 
+    paths_nonempty = field_validator("output", "cache", "eval_cache", "deepspeed")(_nonempty_path)
+
 
 class EvalConfig(_Section):
     head: Union[str, list[str], None] = Field(None, description="head dir(s); default: train.output")
@@ -192,6 +246,8 @@ class EvalConfig(_Section):
     engine: Literal["hf", "vllm", "both"] = Field(
         "hf", description="hf = our stage-3 decoding; vllm = the exported head in vLLM (chain of draft_tokens); "
                           "both = the two, side by side in one report")
+
+    paths_nonempty = field_validator("head", "prompts", "output")(_nonempty_path)
 
     @field_validator("temperatures")
     @classmethod
@@ -248,6 +304,8 @@ class JobsTrain(_Section):
 class JobsConfig(_Section):
     executor: Literal["local", "slurm"] = "local"
     log_dir: Optional[str] = Field(None, description="default: <run dir>/jobs")
+
+    paths_nonempty = field_validator("log_dir")(_nonempty_path)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     extract: JobsExtract = Field(default_factory=JobsExtract)
     train: JobsTrain = Field(default_factory=JobsTrain)
@@ -257,6 +315,8 @@ class SweepConfig(_Section):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted train.* key -> values")
     eval: bool = False
     output: Optional[str] = Field(None, description="default: <train.output>-sweep")
+
+    paths_nonempty = field_validator("output")(_nonempty_path)
 
 
 class RunConfig(_Section):
@@ -339,6 +399,46 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: the constructor below reports it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise DuplicateKeyError(f"key '{key}' is given twice (lines {first} and {key_node.start_mark.line + 1}); "
+                                    f"YAML would keep only the second")
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def yaml_load(text: str) -> Any:
+    """yaml.safe_load, refusing duplicated keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _dropped_comment(raw: str) -> Optional[str]:
+    """The text YAML would read as a comment and drop from an override value (`a #b` -> `#b`)."""
+    try:
+        ends = [t.end_mark.index for t in yaml.scan(raw) if not isinstance(t, yaml.StreamEndToken)]
+    except yaml.YAMLError:
+        return None
+    rest = raw[max(ends, default=0):].strip()
+    return rest if rest.startswith("#") else None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=3e-4)")
@@ -346,8 +446,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{item}': bad dotted key '{key}'")
+    if any(c in raw for c in _LINE_BREAKING):
+        raise ConfigError(f"override {item!r}: the value holds a line break or NUL byte; give one line "
+                          f"(YAML would cut it at a '#' on the next line)")
+    comment = _dropped_comment(raw)
+    if comment is not None:
+        raise ConfigError(f"override {item!r}: YAML reads {comment!r} as a comment and would drop it; "
+                          f"quote the value ({key}='{raw.strip()}') or leave the comment out")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # plain strings with YAML-special characters stay strings
     return key.split("."), value
@@ -377,9 +484,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml_load(p.read_text(encoding="utf-8")) or {}
+        except DuplicateKeyError as e:
+            raise ConfigError(f"config {p}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                              "is it a YAML file?") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config {p} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {p}: the top level must be a mapping of sections")
     raw = apply_overrides(dict(raw), list(overrides))

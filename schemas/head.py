@@ -120,28 +120,29 @@ def save_head(out_dir: str | Path, tensors: dict, config: dict) -> Path:
 
 
 def check_export_dir(out_dir: str | Path, force: bool = False) -> None:
-    """Where `eagle3 export` may write: a new or empty directory, or (with force) an earlier head.
+    """Where `eagle3 export` may write: a new or empty directory, or (with force) an earlier export of ours.
 
-    A directory whose config.json names another architecture holds a model (often the
-    target's own directory): it is never written into, force or not.
+    What OUT is comes from schemas.dirkind: an export is recognised by the marker the
+    export writes (or, for exports made before markers, the `export` block of its
+    config.json). A trained head, a model's directory (weights or another config.json,
+    a stray model.safetensors included), a cache or anyone else's files are never
+    written into, force or not.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise HeadError(f"export: {out} exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    from schemas.dirkind import classify
+
+    d = classify(out_dir)
+    if d.kind in ("missing", "empty"):
         return
-    cfg = out / HEAD_CONFIG
-    if cfg.is_file():
-        try:
-            archs = json.loads(cfg.read_text()).get("architectures") or []
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            archs = ["<unreadable config.json>"]
-        if ARCHITECTURE not in archs:
-            raise HeadError(f"export: {out} holds a model ({cfg}: architectures {archs}); refusing to write a head "
-                            f"into it, even with --force. Choose a new directory")
-    if not force:
-        raise HeadError(f"export: {out} is not empty; pass --force to overwrite the head exported there "
-                        f"(or choose a new directory)")
+    if d.kind == "export":
+        if not force:
+            raise HeadError(f"export: {out_dir} is not empty; pass --force to overwrite the export there "
+                            f"(or choose a new directory)")
+        return
+    what = {"file": "is a file", "head": "holds a trained head (a train.output, not an export)",
+            "model": "holds a model", "cache": "holds an eagle3 cache", "sweep": "holds a sweep"}.get(
+        d.kind, "holds files eagle3 did not write")
+    raise HeadError(f"export: {out_dir} {what} ({d.why}); refusing to write into it, even with --force "
+                    f"(--force overwrites only an earlier export). Choose a new directory")
 
 
 def load_head(head_dir: str | Path) -> tuple[dict, dict]:
@@ -151,13 +152,24 @@ def load_head(head_dir: str | Path) -> tuple[dict, dict]:
     d = Path(head_dir)
     if not (d / HEAD_CONFIG).is_file() or not (d / HEAD_WEIGHTS).is_file():
         raise HeadError(f"{d} is not a head directory (needs {HEAD_CONFIG} and {HEAD_WEIGHTS})")
-    config = json.loads((d / HEAD_CONFIG).read_text())
+    try:
+        config = json.loads((d / HEAD_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HeadError(f"{d / HEAD_CONFIG}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise HeadError(f"{d / HEAD_CONFIG}: not a JSON object")
     tensors = load_file(str(d / HEAD_WEIGHTS))
     missing = set(WEIGHT_KEYS) - set(tensors)
     if missing:
         raise HeadError(f"{d / HEAD_WEIGHTS}: missing tensors {sorted(missing)}")
     if ARCHITECTURE not in config.get("architectures", []):
         raise HeadError(f"{d / HEAD_CONFIG}: architectures must include {ARCHITECTURE}")
+    from schemas.finite import tensor_nonfinite
+
+    bad = tensor_nonfinite(tensors)
+    if bad:  # a head trained into NaN drafts garbage that verification silently rejects
+        raise HeadError(f"{d / HEAD_WEIGHTS}: non-finite weights (inf/NaN) in {', '.join(bad[:4])}"
+                        f"{' and more' if len(bad) > 4 else ''}; the head is unusable: retrain it")
     return config, tensors
 
 

@@ -40,6 +40,7 @@ from schemas.cache import (
     file_sha256, read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
+from schemas.dirkind import ensure_writable, mark
 from schemas.fp8 import quantize_packed
 from stage1_extract.capture import CaptureError, LayerCapture, compare_with_hidden_states
 from stage1_extract.workers import Worker, resolve_worker
@@ -265,6 +266,70 @@ def _input_device(model):
         return torch.device("cpu")
 
 
+# --------------------------------------------------------------------------- non-finite features
+
+
+def fp8_scales(packed):
+    """The fp16 scales [rows, 3] of a quantize_packed tensor (its last two bytes per token per layer)."""
+    import torch
+
+    return packed[..., -2:].contiguous().view(torch.float16).squeeze(-1)
+
+
+class FiniteCheck:
+    """Stage 1 stops on the first non-finite hidden state, fp8 scale or top-K log-probability.
+
+    Per batch one min/max reduction on the device (schemas.finite.device_all_finite) gives a
+    device bool; it is read when the next batch has been computed (the GPU has finished the
+    batch by then: no extra synchronisation) and, for the last batch of a shard, before the
+    shard may commit. On a hit the batch is run again to say which sample, token and layer.
+    """
+
+    def __init__(self, ext: "Extractor", fp8: bool):
+        self.ext, self.fp8 = ext, fp8
+        self.pending: Optional[tuple] = None
+
+    def add(self, plan, batch, ids, mask, hidden, tlps) -> None:
+        from schemas.finite import device_all_finite
+
+        flag = device_all_finite(fp8_scales(hidden) if self.fp8 else hidden, tlps)
+        self.settle()
+        self.pending = (plan, batch, ids, mask, flag)
+
+    def settle(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None and not bool(pending[-1]):
+            raise ExtractError(self.locate(*pending[:-1]))
+
+    def locate(self, plan, batch, ids, mask) -> str:
+        """Where the non-finite value is: the batch again, row by row (slow path, once)."""
+        import torch
+
+        hidden, _tids, tlps = self.ext(ids, mask)
+        checks = [("hidden state", torch.isfinite(hidden.float()).all(-1), True)]  # [rows, 3]
+        if self.fp8:
+            checks.append(("fp8 scale (a hidden state beyond the fp16 scale range)",
+                           torch.isfinite(fp8_scales(quantize_packed(hidden)).float()), True))
+        checks.append(("top-K log-probability", torch.isfinite(tlps.float()).all(-1, keepdim=True), False))
+        lengths = np.array([len(plan.input_ids[j]) for j in batch])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for what, ok, per_layer in checks:
+            bad = torch.nonzero(~ok)
+            if len(bad):
+                row, slot = (int(x) for x in bad[0].tolist())
+                j = int(np.searchsorted(starts, row, side="right") - 1)
+                layer = f", layer {self.ext.layers[slot]} (HF hidden_states index)" if per_layer else ""
+                dtype = _dtype_name(next(self.ext.model.parameters()).dtype)
+                hint = ("check the checkpoint: it computes inf/NaN even in float32" if dtype == "float32" else
+                        "try target.dtype=float32 (or bfloat16 instead of float16)")
+                return (f"extract: non-finite {what} in sample {int(plan.sample_index[batch[j]])} (shard {plan.shard}, "
+                        f"token {row - starts[j]} of {lengths[j]}){layer}: the target overflows in {dtype} on this "
+                        f"input. Nothing of shard {plan.shard} was written; {hint}")
+        samples = ", ".join(str(int(plan.sample_index[j])) for j in batch)
+        return (f"extract: non-finite values in the batch of samples {samples} (shard {plan.shard}), not reproduced "
+                f"when run again; nothing of shard {plan.shard} was written")
+
+
 # --------------------------------------------------------------------------- cache identity
 
 
@@ -288,13 +353,44 @@ def data_fingerprint(paths: Sequence[str]) -> list[dict]:
     return out
 
 
+def _weight_files(hf_dir: Path) -> list[Path]:
+    return [f for f in sorted(hf_dir.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name.endswith(".index.json")]
+
+
 def weights_fingerprint(hf_dir: Path) -> str:
-    """Names and sizes of the weight files (hashing tens of GB of weights is not worth it)."""
+    """Names and sizes of the weight files (kept for old caches; weights_sampled_sha256 is the identity)."""
     h = hashlib.sha256()
-    for f in sorted(hf_dir.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name.endswith(".index.json"):
-            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    for f in _weight_files(hf_dir):
+        h.update(f"{f.name}:{f.stat().st_size}\n".encode())
     return h.hexdigest()
+
+
+SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 16, 1 << 16
+_CONTENT_MEMO: dict[tuple, str] = {}
+
+
+def weights_sampled_sha256(hf_dir: Path) -> str:
+    """The target's content identity: sha256 over each weight file's name and size and 16 blocks of 64 KiB
+    at evenly spaced offsets (the first holds a safetensors/GGUF header: names, shapes, dtypes).
+
+    Reads at most 1 MiB per file, so it costs milliseconds for any model; any fine-tune or
+    other checkpoint of the same shapes changes every block it reads. Remembered per process
+    by (path, size, mtime) of every file."""
+    files = _weight_files(hf_dir)
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _CONTENT_MEMO:
+        h = hashlib.sha256(f"sampled-{SAMPLED_BLOCKS}x{SAMPLED_BLOCK_BYTES}\n".encode())
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}\n".encode())
+            last = max(0, size - SAMPLED_BLOCK_BYTES)
+            offsets = sorted({round(i * last / (SAMPLED_BLOCKS - 1)) for i in range(SAMPLED_BLOCKS)})
+            with open(f, "rb") as fh:
+                for off in offsets:
+                    h.update(os.pread(fh.fileno(), SAMPLED_BLOCK_BYTES, off))
+        _CONTENT_MEMO[key] = h.hexdigest()
+    return _CONTENT_MEMO[key]
 
 
 def embed_scale(model, probe_ids=None) -> float:
@@ -371,6 +467,7 @@ def cache_identity(cfg: RunConfig, model, tok, hf_dir: Path, layers: list[int], 
             "vocab_size": int(V),
             "config_sha256": _config_sha(hf_dir),
             "weights_fingerprint": weights_fingerprint(hf_dir),
+            "weights_sampled_sha256": weights_sampled_sha256(hf_dir),
             "dtype": _dtype_name(next(model.parameters()).dtype),
             "embed_scale": None,  # filled by prepare_cache
         },
@@ -397,6 +494,7 @@ IDENTITY_KEYS = {
     "target.vocab_size": "target (vocab_size)",
     "target.config_sha256": "target (config.json sha256)",
     "target.weights_fingerprint": "target weights (file names/sizes)",
+    "target.weights_sampled_sha256": "target weights (content: sha256 of sampled blocks)",
     "target.dtype": "target dtype",
     "tokenizer.sha256": "tokenizer",
     "tokenizer.chat_template_sha256": "chat template",
@@ -420,10 +518,20 @@ def _get(d: dict, dotted: str):
     return cur
 
 
+# keys that caches written before them lack: not compared there (prepare_cache warns)
+NEWER_KEYS = ("target.weights_sampled_sha256",)
+
+
 def identity_differences(have: dict, want: dict) -> list[str]:
     diffs = []
     for key, words in IDENTITY_KEYS.items():
         a, b = _get(have, key), _get(want, key)
+        if key in NEWER_KEYS and a is None:
+            continue
+        if key == "target.weights_sampled_sha256" and a != b:
+            diffs.append(f"{words}: cache has {a[:16]}... (target {_get(have, 'target.path')}), this run has "
+                         f"{str(b)[:16]}... (target {_get(want, 'target.path')})")
+            continue
         if key == "data.sources":
             a = [(s.get("path"), s.get("sha256")) for s in (a or [])]
             b = [(s.get("path"), s.get("sha256")) for s in (b or [])]
@@ -441,13 +549,18 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     cj = root / CACHE_JSON
     if cj.is_file():
         have = read_cache_json(root)
+        if _get(have, "target.weights_sampled_sha256") is None:
+            print(f"extract: warning: {cj} records no content hash of the target's weights (a cache written before "
+                  f"it was recorded): only the weight files' names and sizes are compared, so another checkpoint "
+                  f"of the same shapes would not be noticed", file=sys.stderr)
         diffs = identity_differences(have, identity)
         if diffs:
             raise CacheError(f"refusing to extract into {root}: it was made with a different "
                              + "; a different ".join(diffs)
                              + ". Use another extract.cache, or delete the cache to start over.")
         if not (root / TARGET_DIR / EMBED_FILE).is_file():
-            _write_target_dir(root, model, tok, hf_dir, have["target"].get("embed_scale") or 1.0)
+            _write_target_dir(root, model, tok, hf_dir, have["target"].get("embed_scale") or 1.0,
+                              recorded=have.get("target_files"))
         return have
     if committed_shards(root):
         raise CacheError(f"{root} holds committed shards but no {CACHE_JSON}; refusing to add to it")
@@ -455,7 +568,7 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     scale = embed_scale(model, probe_ids)
     identity["target"]["embed_scale"] = scale
     identity["embed_scale"] = scale
-    root.mkdir(parents=True, exist_ok=True)
+    mark(root, "cache", "eagle3 extract")  # what this directory is, for every later write or delete
     _write_target_dir(root, model, tok, hf_dir, scale)
     from schemas.cache_check import target_file_checksums
 
@@ -466,12 +579,22 @@ def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_id
     return identity
 
 
-def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float) -> None:
+def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float, recorded: Optional[dict] = None) -> None:
+    """root/target/: the target's config, tokenizer and embedding, renamed into place when complete.
+
+    An existing target/ without the embedding is replaced only when every file in it is one
+    cache.json records (`recorded`); anything else there (e.g. `target.path` pointing into the
+    cache directory) is never deleted.
+    """
     from safetensors.torch import save_file
+
+    from schemas.dirkind import remove_owned
 
     final = root / TARGET_DIR
     if (final / EMBED_FILE).is_file():
         return
+    if final.exists() or final.is_symlink():  # before any work: refuse foreign files at once
+        remove_owned(final, (recorded or {}).keys(), f"the cache's {TARGET_DIR}/ directory")
     tmp = root / f".target.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -482,8 +605,6 @@ def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float) -> Non
     w = model.get_input_embeddings().weight.detach().to("cpu").contiguous().clone()
     # the raw matrix; the model multiplies it by embed_scale (also in cache.json)
     save_file({"weight": w}, str(tmp / EMBED_FILE), metadata={"embed_scale": repr(float(scale))})
-    if final.exists() and not (final / EMBED_FILE).is_file():
-        shutil.rmtree(final, ignore_errors=True)  # a partial dir from a killed first run
     try:
         os.rename(tmp, final)
     except OSError:  # another worker won the race
@@ -575,6 +696,9 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     paths = list(cfg.data.train if which == "train" else cfg.data.eval)
     if samples is None and not paths:
         raise ExtractError(f"data.{which} is empty: nothing to extract into {root}")
+    # a model's directory, a file, or a directory of someone else's files is never a cache
+    ensure_writable(root, ("missing", "empty", "cache"), "extract.cache" if which == "train" else "the eval cache",
+                    hint="Choose a new or empty directory for the cache (or an existing eagle3 cache to resume).")
 
     if target is None:
         from schemas.target import load_target
@@ -628,6 +752,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     cuda = ext.device.type == "cuda"
     if cuda:  # this process's GPU is the current one (streams, events, allocator)
         torch.cuda.set_device(ext.device)
+    finite = FiniteCheck(ext, fp8=cfg.extract.hidden_dtype == "fp8")
     t0 = time.perf_counter()
     compute_s = 0.0
     n_samples = n_tokens = 0
@@ -644,6 +769,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
                 hidden, tids, tlps = ext(ids, mask)
                 if cfg.extract.hidden_dtype == "fp8":  # on the device: half the bytes to copy and store
                     hidden = quantize_packed(hidden)
+                finite.add(plan, batch, ids, mask, hidden, tlps)  # a device flag, read one batch later
                 ready = None
                 if cuda:  # start the copy to the host; the writer waits on the event, not the compute loop
                     (hidden, tids, tlps), ready = start_host_copy((hidden, tids, tlps), ext.device)
@@ -656,6 +782,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
                     el = max(time.perf_counter() - t0, 1e-9)
                     bar.update(len(batch))
                     bar.set_postfix_str(f"shard {k} | {n_tokens / el:,.0f} tok/s | queue {writer.depth}", refresh=False)
+            finite.settle()  # every batch of shard k is finite before the shard can commit
             writer.end_shard(k)
         writer.close()
     except BaseException:

@@ -150,8 +150,26 @@ def _plan(cfg: RunConfig, *, repair: bool):
         if groups:  # a record without any user turn has nothing to answer
             items.append(_Item(key, groups, system))
     out = default_output(cfg)
+    check_output(out, cfg)
     done = scan_output(out, repair=repair)
     return items, out, done
+
+
+def check_output(out: Path, cfg: RunConfig) -> None:
+    """The output is a new file or one this command wrote (its .meta.json beside it): never an input file,
+    a directory, or someone else's file (a resumed run truncates a trailing partial line)."""
+    for p in [*cfg.data.train, *cfg.data.eval]:
+        q = Path(p).expanduser()
+        if out.exists() and q.exists() and os.path.samefile(out, q) or out.resolve() == q.resolve():
+            raise RegenerateError(f"data.regenerate.output {out} is the input file {p} of data.train/data.eval: "
+                                  "regenerating into it would read its own ids as done and write nothing. "
+                                  "Set data.regenerate.output to a new file")
+    if out.is_dir():
+        raise RegenerateError(f"data.regenerate.output {out} is a directory; give a .jsonl file path")
+    if out.is_file() and out.stat().st_size and not out.with_name(out.name + META_SUFFIX).is_file():
+        raise RegenerateError(f"data.regenerate.output {out} exists and was not written by eagle3 regenerate "
+                              f"(no {out.name}{META_SUFFIX} beside it); refusing to append to it. "
+                              "Set data.regenerate.output to a new file")
 
 
 def _to_sharegpt(key: str, messages: list[dict]) -> dict:

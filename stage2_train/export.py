@@ -142,9 +142,11 @@ def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *
         raise HeadError(f"export: dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     cfg = export_config(config, dtype=dtype, source=str(Path(head_dir) / "config.json"))
     out_t = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in tensors.items()}
+    from schemas.dirkind import mark
     from schemas.head import check_export_dir
 
-    check_export_dir(out_dir, force=True)  # never into a model's directory (the CLI also wants --force)
+    check_export_dir(out_dir, force=True)  # only an earlier export is overwritten (the CLI also wants --force)
+    mark(out_dir, "export", "eagle3 export")  # what later --force may overwrite
     save_head(out_dir, out_t, cfg)
     # Read back what was written: layout, shapes, both id fields and the HF ids stage 3 uses.
     c2, t2 = load_head(out_dir)

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from schemas.cache import CacheReader
+from schemas.cache import CacheError, CacheReader
 
 FIELDS = ("input_ids", "loss_mask", "hidden", "topk_ids", "topk_logprobs")
 
@@ -74,7 +74,7 @@ class CacheLoader:
         for sh in reader.shards.values():
             arrs = [sh.array(n) for n in FIELDS] + ([sh.array("hidden_scale")] if "hidden_scale" in sh.layout else [])
             if not all(a.fast for a in arrs) or len({a.chunk_rows for a in arrs if a.shape[0]}) > 1:
-                raise ValueError(f"{sh.path}: row arrays are not in the layout the chunk loader reads "
+                raise CacheError(f"{sh.path}: row arrays are not in the layout the chunk loader reads "
                                  "(use train.num_workers > 0 for the per-sample DataLoader path)")
         self.reader = reader
         self.batches = [list(b) for b in batches]

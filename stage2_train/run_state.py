@@ -6,7 +6,9 @@
   (torch.load with weights_only=False): resuming trusts the checkpoint directory,
   so point `train.output` only at directories you (or your jobs) wrote.
 * The output lock: rank 0 holds `train.output/.lock` for the whole run, so a second
-  training into the same directory fails at once, naming the first.
+  training into the same directory fails at once, naming the first. Before that,
+  train.output must be new, empty or a training output (schemas.dirkind): a model's
+  directory, a cache, an export or a file stops the run with one line.
 * Disk full while checkpointing: the partial tag directory is removed and `latest`
   keeps naming the previous complete checkpoint, so the re-run resumes from it.
 """
@@ -22,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from schemas.dirkind import UnsafeDirError, ensure_writable, mark
 from schemas.disk import disk_full, looks_disk_full
 from schemas.locks import DirLock, LockBusy
 
@@ -89,13 +92,29 @@ def load_rng_state(tag_dir: Path, rank: int, log: Callable[[str], None] = print)
 # --------------------------------------------------------------------------- the output lock
 
 
+def check_output_dir(out: Path) -> None:
+    """train.output must be new, empty or a training output: never a model, a cache, an export or a file."""
+    try:
+        ensure_writable(out, ("missing", "empty", "head"), "train.output",
+                        hint="Set train.output to a new or empty directory (or an earlier train.output to resume).")
+    except UnsafeDirError as e:
+        raise RunStateError(str(e)) from None
+
+
 def lock_output(out: Path, rank: int, world: int) -> Optional[DirLock]:
-    """Rank 0 takes train.output's lock; every rank raises RunStateError alike when another run holds it."""
+    """Rank 0 checks what train.output is (schemas.dirkind), takes its lock and marks it as a training
+    output; every rank raises RunStateError alike when it is not one or another run holds it."""
     lock, err = None, [None]
     if rank == 0:
+        try:
+            check_output_dir(out)
+        except RunStateError as e:
+            err[0] = str(e)
+    if rank == 0 and err[0] is None:
         lock = DirLock(Path(out) / OUTPUT_LOCK, f"eagle3 train into {out}")
         try:
             lock.acquire()
+            mark(out, "head", "eagle3 train")
         except LockBusy:
             err[0] = (f"train.output {out} is in use by another training ({lock.holder()}); two runs in one "
                       f"directory would resume each other's checkpoints. Wait for it, or set another train.output")

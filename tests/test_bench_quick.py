@@ -28,13 +28,16 @@ QUICK = [
     ("stage_dtypes.py --quick --run-root {tmp}/stage-dtypes", ()),
     ("quality.py --quick --dry-run --run-dir {tmp}/quality", ()),  # issue 21 owns quality.py
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
+    ("nonfinite_cost.py --quick", ()),
     # PLACEHOLDER (issue 21 owns bench_train_step.py): fill in its quick-mode flags when it has them.
     ("bench_train_step.py --quick", (pytest.mark.xfail(strict=True, reason="bench_train_step.py has no quick mode "
                                                                           "yet (issue 21)"),)),
 ]
-# Not here: gpu_check.py (its own test below), plan_vs_measured.py (tests/test_plan.py) and
+# Not here: gpu_check.py (its own test below), plan_vs_measured.py (tests/test_plan.py),
+# objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`) and
 # extract_memory.py (issue 19: its own test).
-HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py"}
+OWN_TESTS = {"gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py"}
+HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py", "objectives_peer.py"}
 
 
 def run_script(cmd: str, tmp: Path, timeout: int = 900, **env_extra) -> subprocess.CompletedProcess:
@@ -55,7 +58,7 @@ def test_bench_script_quick_mode(cmd, tmp_path, request):
 
 
 def test_every_bench_script_is_covered():
-    covered = {c.split()[0] for c, _ in QUICK} | {"gpu_check.py", "plan_vs_measured.py", "extract_memory.py"} | HELPERS
+    covered = {c.split()[0] for c, _ in QUICK} | OWN_TESTS | HELPERS
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
     assert scripts <= covered, f"bench scripts without a quick-mode test: {sorted(scripts - covered)}"
 

@@ -162,7 +162,9 @@ def test_enospc_anywhere_in_a_command_is_one_clear_line(tmp_path, monkeypatch):
     def full(root):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "manifest.parquet"))
 
-    (tmp_path / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1"}))
+    (tmp_path / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1", "layers": [1, 2, 3], "topk": 2,
+                                                     "target": {"hidden_size": 4, "vocab_size": 8,
+                                                                "num_hidden_layers": 4}}))
     monkeypatch.setattr(schemas.cache, "build_manifest", full)
     import pipeline.cmd_shards
 

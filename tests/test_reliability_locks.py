@@ -23,7 +23,7 @@ def _arrays(n_tokens: int = 6, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {"input_ids": rng.integers(0, 50, n_tokens).astype(np.int32),
             "loss_mask": np.ones(n_tokens, np.uint8),
-            "hidden": rng.integers(0, 2 ** 16, (n_tokens, 3, 4)).astype(np.uint16),
+            "hidden": rng.integers(0, 0x7F00, (n_tokens, 3, 4)).astype(np.uint16),  # finite bf16 bits
             "topk_ids": rng.integers(0, 50, (n_tokens, 2)).astype(np.int32),
             "topk_logprobs": np.zeros((n_tokens, 2), np.float16),
             "offsets": np.array([0, n_tokens], np.int64), "sample_index": np.array([seed], np.int64),

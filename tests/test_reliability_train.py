@@ -164,8 +164,9 @@ def test_export_never_overwrites_a_model_and_needs_force_for_a_non_empty_dir(cac
     other = tmp_path / "notes"
     other.mkdir()
     (other / "README.md").write_text("mine")
-    code, text = export(other)
-    assert code == 1 and f"export: {other} is not empty; pass --force" in text
+    for extra in ((), ("--force",)):  # someone else's files: never written into (issue 22)
+        code, text = export(other, *extra)
+        assert code == 1 and f"export: {other} holds files eagle3 did not write" in text and "even with --force" in text
     assert sorted(f.name for f in other.iterdir()) == ["README.md"]
 
     out = tmp_path / "out"

@@ -1,0 +1,225 @@
+"""Bad-input corpus, directories (issue 22, cases 1, 2, 7): one rule decides what a directory is
+before any command writes or deletes in it; a model, a head or foreign files are never touched."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from schemas.dirkind import MARKER, UnsafeDirError, classify, ensure_writable, mark, remove_owned
+from tiny import sharegpt_rows, write_jsonl
+
+runner = CliRunner()
+
+
+def one_line_error(res, *needles):
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert text.startswith("error: ") and text.count("error: ") == 1, res.output
+    for n in needles:
+        assert n in text, (n, text)
+    return text
+
+
+def tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir, tmp_path_factory):
+    """A copy of the tiny target with a foreign file beside its weights."""
+    d = tmp_path_factory.mktemp("m") / "target"
+    shutil.copytree(tiny_llama_dir, d)
+    (d / "NOTES.txt").write_text("mine")
+    return d
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_llama_fp32, tmp_path_factory):
+    from spec_helpers import make_head
+    from stage2_train.export import write_head
+
+    head = make_head(tiny_llama_fp32, seed=1)
+    head.config["target_num_hidden_layers"] = int(tiny_llama_fp32.config.num_hidden_layers)
+    return write_head(head, tmp_path_factory.mktemp("h") / "head")
+
+
+def write_cfg(tmp: Path, **sections) -> Path:
+    import yaml
+
+    raw = {"target": {"path": str(sections.pop("target", "x")), "dtype": "float32", "device": "cpu"}}
+    for k, v in sections.items():
+        raw.setdefault(k.split("__")[0], {})[k.split("__")[1]] = v
+    p = tmp / "cfg.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_classify_names_every_kind(tmp_path, model_dir, head_dir):
+    assert classify(tmp_path / "nope").kind == "missing"
+    (tmp_path / "f").write_text("x")
+    assert classify(tmp_path / "f").kind == "file"
+    (tmp_path / "e").mkdir()
+    assert classify(tmp_path / "e").kind == "empty"
+    assert classify(model_dir).kind == "model"
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"x")
+    assert classify(stray) == classify(stray) and classify(stray).kind == "model"
+    assert classify(head_dir).kind == "head"
+    holder = tmp_path / "holder"  # the issue's case 1: D holds D/target (a model), nothing else
+    shutil.copytree(model_dir, holder / "target")
+    assert classify(holder).kind == "unknown"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1"}))
+    assert classify(tmp_path / "c").kind == "cache"
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "README.md").write_text("x")
+    assert classify(tmp_path / "u").kind == "unknown"
+    mark(tmp_path / "u", "export", "test")
+    assert classify(tmp_path / "u").kind == "export"
+    with pytest.raises(UnsafeDirError, match=r"train.output .*/target is a model directory \(config.json with "
+                                             r"architectures \['LlamaForCausalLM'\]\); refusing to write there"):
+        ensure_writable(model_dir, ("missing", "empty", "head"), "train.output")
+
+
+def test_remove_owned_deletes_only_what_was_recorded(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "a").write_text("1")
+    (d / "b").write_text("2")
+    with pytest.raises(UnsafeDirError, match="holds files eagle3 did not write \\(b\\)"):
+        remove_owned(d, {"a"}, "target/")
+    assert tree(d) == {"a": b"1", "b": b"2"}
+    remove_owned(d, {"a", "b"}, "target/")
+    assert not d.exists()
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def test_extract_never_deletes_a_model_next_to_the_cache(model_dir, tmp_path):
+    """Case 1: `eagle3 extract CFG target.path=D/target extract.cache=D` replaced D/target with the cache's."""
+    D = tmp_path / "D"
+    shutil.copytree(model_dir, D / "target")
+    before = tree(D)
+    data = write_jsonl(tmp_path / "d.jsonl", sharegpt_rows(4))
+    cfg = write_cfg(tmp_path, target=D / "target", data__train=[str(data)], extract__cache=str(D),
+                    extract__layers=[1, 3, 5])
+    res = runner.invoke(app, ["extract", str(cfg), "--no-progress"])
+    one_line_error(res, f"extract.cache {D} is a directory eagle3 did not create", "refusing to write there")
+    assert tree(D) == before
+    # the model's own directory, and a plain file
+    res = runner.invoke(app, ["extract", str(cfg), f"extract.cache={D / 'target'}", "--no-progress"])
+    one_line_error(res, "is a model directory")
+    assert tree(D) == before
+    res = runner.invoke(app, ["extract", str(cfg), f"extract.cache={D / 'target' / 'NOTES.txt'}", "--no-progress"])
+    one_line_error(res, "NOTES.txt is a file (a file, not a directory)")
+    res = runner.invoke(app, ["extract", str(cfg), "extract.cache=", "--no-progress"])
+    one_line_error(res, "'extract.cache': must not be empty")
+    assert tree(D) == before
+
+
+def test_write_target_dir_replaces_only_files_the_cache_recorded(tmp_path, tiny_llama_fp32, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from stage1_extract.extract import _write_target_dir
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    root = tmp_path / "c"
+    (root / "target").mkdir(parents=True)
+    (root / "target" / "model.safetensors").write_bytes(b"weights")  # someone's model, no embedding
+    with pytest.raises(UnsafeDirError, match="holds files eagle3 did not write \\(model.safetensors\\)"):
+        _write_target_dir(root, tiny_llama_fp32, tok, tiny_llama_dir, 1.0)  # a new cache: nothing recorded yet
+    assert (root / "target" / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(UnsafeDirError, match="holds files eagle3 did not write \\(model.safetensors\\)"):
+        _write_target_dir(root, tiny_llama_fp32, tok, tiny_llama_dir, 1.0, recorded={"config.json": "x"})
+    assert (root / "target" / "model.safetensors").read_bytes() == b"weights"
+    # our own target/ whose embedding was deleted: rewritten
+    (root / "target" / "model.safetensors").unlink()
+    (root / "target" / "config.json").write_text("{}")
+    _write_target_dir(root, tiny_llama_fp32, tok, tiny_llama_dir, 1.0, recorded={"config.json": "x"})
+    assert (root / "target" / "embed_tokens.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- train.output
+
+
+def test_train_output_never_overwrites_a_model(model_dir, tmp_path):
+    """Case 2: `eagle3 train CFG train.output=<a model directory>` exited 0 replacing its weights."""
+    before = tree(model_dir)
+    cfg = write_cfg(tmp_path, train__cache=str(tmp_path / "no-cache"))
+    res = runner.invoke(app, ["train", str(cfg), f"train.output={model_dir}", "--no-progress"])
+    one_line_error(res, f"train.output {model_dir} is a model directory", "Set train.output to a new or empty")
+    assert tree(model_dir) == before
+    res = runner.invoke(app, ["train", str(cfg), f"train.output={model_dir / 'NOTES.txt'}", "--no-progress"])
+    one_line_error(res, "NOTES.txt is a file")
+    assert tree(model_dir) == before
+
+
+def test_lock_output_checks_before_touching(model_dir, tmp_path):
+    from stage2_train.run_state import RunStateError, lock_output
+
+    before = tree(model_dir)
+    with pytest.raises(RunStateError, match="is a model directory"):
+        lock_output(model_dir, 0, 1)
+    assert tree(model_dir) == before
+    out = tmp_path / "head"
+    lock = lock_output(out, 0, 1)
+    assert classify(out).kind == "head" and (out / MARKER).is_file()
+    lock.release()
+    lock_output(out, 0, 1).release()  # an earlier training output is resumed
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_force_overwrites_only_an_earlier_export(head_dir, tmp_path):
+    """Case 2: `export --force` overwrote a trained head or a stray model.safetensors."""
+    other_head = tmp_path / "other-head"
+    shutil.copytree(head_dir, other_head)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"somebody's weights")
+    for victim, why in ((other_head, "holds a trained head"), (stray, "holds a model")):
+        before = tree(victim)
+        res = runner.invoke(app, ["export", str(head_dir), str(victim), "--force"])
+        one_line_error(res, f"export: {victim} {why}", "refusing to write into it, even with --force")
+        assert tree(victim) == before
+    out = tmp_path / "serve"
+    assert runner.invoke(app, ["export", str(head_dir), str(out)]).exit_code == 0
+    assert classify(out).kind == "export" and (out / MARKER).is_file()
+    res = runner.invoke(app, ["export", str(head_dir), str(out)])
+    one_line_error(res, "is not empty; pass --force to overwrite the export there")
+    assert runner.invoke(app, ["export", str(head_dir), str(out), "--force"]).exit_code == 0
+    # an export made before markers existed (its config's `export` block) is still ours
+    (out / MARKER).unlink()
+    assert classify(out).kind == "export"
+    assert runner.invoke(app, ["export", str(head_dir), str(out), "--force"]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- sweep, shards index
+
+
+def test_sweep_output_and_shards_index_ask_the_rule(model_dir, tmp_path):
+    from pipeline.sweep import claim_sweep_dir
+    from schemas.config import load_config
+
+    before = tree(model_dir)
+    cfg = load_config(raw={"target": {"path": "x"}, "sweep": {"output": str(model_dir), "grid": {"train.lr": [1e-4]}}})
+    with pytest.raises(UnsafeDirError, match="sweep.output .* is a model directory"):
+        claim_sweep_dir(cfg)
+    cfg = load_config(raw={"target": {"path": "x"}, "sweep": {"output": str(tmp_path / "sw")}})
+    assert claim_sweep_dir(cfg) == tmp_path / "sw" and classify(tmp_path / "sw").kind == "sweep"
+    res = runner.invoke(app, ["shards", "index", str(model_dir)])
+    one_line_error(res, "shards index: CACHE", "is a model directory")
+    assert tree(model_dir) == before
