@@ -170,11 +170,11 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     if bar is not None:
         bar.close()
     return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
-                   target_dtype=base_runner.dtype, tree_check=tree_check)
+                   target_dtype=base_runner.dtype, tree_check=tree_check, device=base_runner.device)
 
 
 def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, target_dtype=None,
-            tree_check=None) -> dict:
+            tree_check=None, device=None) -> dict:
     """Summaries (HF methods, offline table, vLLM section when asked for) -> report files."""
     e = cfg.eval
     report = {
@@ -196,7 +196,7 @@ def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, tar
         for m in methods:
             depth = settings_for(cfg, m).max_depth
             entry["methods"].append(summarize(m, records[(hi, m)], depth))
-        entry["offline"] = offline_table(h, cfg, progress=progress) if e.offline else None
+        entry["offline"] = offline_table(h, cfg, progress=progress, device=device) if e.offline else None
         report["heads"].append(entry)
     out = Path(e.output) if e.output else Path(heads[0]) / "eval"
     if vllm_python is not None:
