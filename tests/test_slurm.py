@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slurm
 SLURM_JOBS = {"executor": "slurm", "extract": {"tasks": 2},
               "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem": "2G", "time": "00:15:00",
                         "extra_sbatch": ["--comment=eagle3-test"]},
-              "train": {"nodes": 1, "gpus_per_node": 0}}
+              "train": {"nodes": 1, "gpus_per_node": 0, "cpus_per_gpu": 1}}  # the test node has 2 CPUs
 
 
 @pytest.fixture
