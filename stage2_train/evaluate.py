@@ -87,7 +87,7 @@ EVAL_ROWS = ("hit", "cnt", "ce_sum", "ce_sq", "ce_n", "acc_s", "acc_s2", "acc_sn
 
 
 def _eval_batches(reader: CacheReader, mine: np.ndarray, lengths: np.ndarray, t2d: np.ndarray,
-                  max_length: Optional[int], max_tokens: int) -> tuple[Iterable[dict], int]:
+                  max_length: Optional[int], max_tokens: int, threads: int) -> tuple[Iterable[dict], int]:
     """This rank's samples as collated batches: the chunk loader (each chunk decoded once), or
     sample by sample for caches whose arrays it cannot read."""
     batches: list[list[int]] = []
@@ -99,7 +99,8 @@ def _eval_batches(reader: CacheReader, mine: np.ndarray, lengths: np.ndarray, t2
     try:
         from stage2_train.loader import CacheLoader
 
-        return CacheLoader(reader, mine, batches, t2d, max_length, prefetch=2, read_ahead=2), len(batches)
+        loader = CacheLoader(reader, mine, batches, t2d, max_length, threads=threads, prefetch=2, read_ahead=2)
+        return loader, len(batches)
     except ValueError:  # a layout the chunk loader does not read
         ds = BatchDataset(reader, batches, t2d, max_length)
         return (ds[j] for j in range(len(ds))), len(batches)
@@ -153,18 +154,20 @@ def _metrics(h: dict, num_samples: int) -> dict:
 @torch.no_grad()
 def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_length: int, decay: float = 0.8,
                    max_tokens: int = EVAL_BATCH_TOKENS, max_length: Optional[int] = None, progress: bool = False,
-                   compute_dtype: Optional[torch.dtype] = None, ranks: Optional[Ranks] = None) -> dict:
+                   compute_dtype: Optional[torch.dtype] = None, ranks: Optional[Ranks] = None,
+                   threads: int = 2) -> dict:
     """Per-position metrics of `model` on the samples `indices` of `reader`, on the model's device (under
     autocast to `compute_dtype` when given: the dtype the head trains and serves in).
 
     With `ranks` (several processes) every rank evaluates its share of the samples and the sums are
-    all-reduced: every rank must call this, and every rank returns the same metrics."""
+    all-reduced: every rank must call this, and every rank returns the same metrics. `threads`: chunk
+    decode threads (train.loader_threads)."""
     device = next(model.parameters()).device
     ranks = ranks or Ranks(0, 1, device)
     vocab = vocab_from_maps(model.d2t.cpu().numpy(), model.t2d.cpu().numpy())
     lengths = cropped_lengths(reader, max_length)
     mine = rank_share(indices, lengths, ranks.rank, ranks.world)
-    batches, n = _eval_batches(reader, mine, lengths, vocab.target_to_draft(), max_length, max_tokens)
+    batches, n = _eval_batches(reader, mine, lengths, vocab.target_to_draft(), max_length, max_tokens, threads)
     if progress and ranks.rank == 0:
         from tqdm import tqdm
 

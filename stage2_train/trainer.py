@@ -605,7 +605,7 @@ def evaluate(run: Run, step: int) -> None:
         return
     m = evaluate_model(run.engine.module, plan.val_reader, plan.val_idx, ttt_length=run.tc.ttt_length,
                        decay=run.tc.loss_decay, max_tokens=EVAL_BATCH_TOKENS, max_length=plan.max_length,
-                       compute_dtype=run.amp, ranks=run.ranks)
+                       compute_dtype=run.amp, ranks=run.ranks, threads=run.tc.loader_threads)
     better = m["simulated_tau"] > run.best["tau"]
     if better:
         run.best.update(tau=m["simulated_tau"], step=step, metrics=m)
