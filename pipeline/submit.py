@@ -5,9 +5,13 @@ The stages become batch jobs through submitit:
   regenerate (1 task, when data.regenerate.enabled)
     └─afterok─ extract: a job array of jobs.extract.tasks tasks, one per GPU; task r of W
                extracts the shards k with k mod W == r (SLURM_ARRAY_TASK_ID/COUNT -> worker r/W)
-                 └─afterok (every array task)─ train: jobs.train.nodes x gpus_per_node under the
-                                               deepspeed launcher (one node, <= 1 GPU: in-process)
+                 └─afterok (every array task)─ train: jobs.train.nodes x gpus_per_node ranks, torchrun
+                                               on every node (one node, <= 1 GPU: in-process)
                                                  └─afterok─ eval (1 task)
+
+The train job has one Slurm task per node; each runs torchrun for that node's ranks, with
+the node rank from SLURM_NODEID and the rendezvous at the first host of SLURM_JOB_NODELIST
+(`slurm_node`), and asks for the CPUs its ranks keep busy (`train_cpus`).
 
 `--kill-on-invalid-dep=yes` makes Slurm cancel a job whose dependency failed, so a
 failed stage-1 task leaves stage 2 cancelled, never started (not pending forever).
@@ -28,7 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -163,34 +167,62 @@ def _finish_extract(cfg: RunConfig) -> None:
         write_marker(cfg, "extract", Path(cfg.extract.cache), seconds=None, by="submit")
 
 
-def deepspeed_command(config_file: str, nodes: int, gpus: int, node_rank: int = 0,
-                      master_addr: Optional[str] = None, master_port: int = 29500) -> list[str]:
-    """The deepspeed launcher running `eagle3 train` (python -m pipeline.cli) on this node."""
-    cmd = ["deepspeed", "--num_gpus", str(gpus), "--no_local_rank"]
-    if nodes > 1:
-        cmd += ["--num_nodes", str(nodes), "--node_rank", str(node_rank), "--master_addr", str(master_addr),
-                "--master_port", str(master_port), "--no_ssh"]
-    return cmd + ["--module", "pipeline.cli", "train", config_file]
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(config_file: str, nodes: int, gpus: int, node_rank: Any = 0, master_addr: Any = "127.0.0.1",
+                  master_port: Any = 29500, python: str = sys.executable) -> list[str]:
+    """`torchrun` (torch.distributed.run of the job's python) running `eagle3 train` on this node.
+
+    Every node runs the same command with its own node rank; torchrun's static rendezvous
+    meets at master_addr:master_port, so nothing needs ssh or a hostfile.
+    """
+    return [python, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(max(1, gpus)), "--master_addr", str(master_addr), "--master_port",
+            str(master_port), "-m", "pipeline.cli", "train", config_file, "--no-progress"]
+
+
+def slurm_node(nodes: int) -> tuple[int, str, int]:
+    """(node rank, master address, port) of this node of the train job, from Slurm's own variables:
+    SLURM_NODEID, the first host of SLURM_JOB_NODELIST (as `scontrol show hostnames` expands it),
+    a port derived from SLURM_JOB_ID (every node computes the same one)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    env = os.environ
+    missing = [k for k in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_JOB_NODELIST") if k not in env]
+    if missing:
+        raise SubmitError(f"the train job runs on {nodes} node(s) but {', '.join(missing)} is not set: a "
+                          "multi-node training runs as a Slurm job (`eagle3 submit --executor slurm`)")
+    have = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or nodes)
+    if have != nodes:
+        raise SubmitError(f"jobs.train.nodes is {nodes} but the Slurm job has {have} node(s)")
+    hosts = _parse_node_list(env["SLURM_JOB_NODELIST"])
+    jid = int(re.sub(r"\D", "", env["SLURM_JOB_ID"].split("_")[0]) or 0)
+    return int(env["SLURM_NODEID"]), hosts[0], 20000 + jid % 20000
 
 
 def train_task(config_file: str, cwd: str) -> str:
+    """Stage 2: in this process (one node, <= 1 GPU), else torchrun on every node of the job."""
     cfg = _enter(config_file, cwd)
-    _finish_extract(cfg)
+    nodes, gpus = cfg.jobs.train.nodes, cfg.jobs.train.gpus_per_node
+    # one node: its own rendezvous on a free local port; several: Slurm says which node this is
+    node_rank, master, port = slurm_node(nodes) if nodes > 1 else (0, "127.0.0.1", _free_port())
+    if node_rank == 0:  # one writer for the manifest and the stage-1 marker
+        _finish_extract(cfg)
     if stage_done(cfg, "train"):
         return "skipped"
-    nodes, gpus = cfg.jobs.train.nodes, cfg.jobs.train.gpus_per_node
     if nodes == 1 and gpus <= 1:
         return run_stage(cfg, "train", progress=False).status
-    import submitit
-
-    env = submitit.JobEnvironment()
-    jid = int(re.sub(r"\D", "", str(env.job_id).split("_")[0]) or 0)
-    cmd = deepspeed_command(config_file, nodes, gpus, node_rank=env.node, master_addr=env.hostnames[0],
-                            master_port=20000 + jid % 20000)
+    cmd = train_command(config_file, nodes, gpus, node_rank, master, port)
     print("+", shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
-    if env.global_rank == 0:
+    if node_rank == 0:
         write_marker(cfg, "train", Path(cfg.train.output), seconds=round(time.perf_counter() - t0, 3), by="submit")
     return "ran"
 
@@ -241,6 +273,15 @@ def slurm_params(cfg: RunConfig, stage: str, *, nodes: int = 1, gpus: Optional[i
     return p
 
 
+def train_cpus(cfg: RunConfig) -> int:
+    """CPUs of one train node (its one Slurm task runs every rank of the node): jobs.train.cpus_per_gpu
+    per rank, by default what a rank keeps busy: the training loop, train.loader_threads decode threads,
+    the loader's row reader and collate threads (or train.num_workers DataLoader processes)."""
+    jt, tc = cfg.jobs.train, cfg.train
+    per_rank = jt.cpus_per_gpu or (1 + (tc.num_workers if tc.num_workers > 0 else tc.loader_threads + 2))
+    return max(1, jt.gpus_per_node) * per_rank
+
+
 def plan(cfg: RunConfig, config_file: str, cwd: str) -> list[JobSpec]:
     specs: list[JobSpec] = []
     prev = None
@@ -254,12 +295,14 @@ def plan(cfg: RunConfig, config_file: str, cwd: str) -> list[JobSpec]:
                          describe=f"pipeline.submit.extract_task: stage 1, {W} task(s); worker r/W from "
                                   f"SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"))
     n, g = cfg.jobs.train.nodes, cfg.jobs.train.gpus_per_node
-    how = (f"deepspeed launcher on {n} node(s) x {g} GPU(s): "
-           + shlex.join(deepspeed_command(config_file, n, g, 0, "<first node>", 0)) if (n > 1 or g > 1)
+    how = (f"torchrun on each of {n} node(s) x {g} GPU(s): "
+           + shlex.join(train_command(config_file, n, g, "$SLURM_NODEID", "<first host of $SLURM_JOB_NODELIST>",
+                                      "<20000 + $SLURM_JOB_ID % 20000>", python="python")) if (n > 1 or g > 1)
            else "eagle3 train in-process (one node, <= 1 GPU)")
-    specs.append(JobSpec("train", train_task, [(config_file, cwd)],
-                         slurm_params(cfg, "train", nodes=n, gpus_per_node=g if g > 0 else None, gpus=0 if g == 0 else None),
-                         after="extract", describe=f"pipeline.submit.train_task: stage 2, {how}"))
+    params = slurm_params(cfg, "train", nodes=n, gpus_per_node=g if g > 0 else None, gpus=0 if g == 0 else None)
+    params["cpus_per_task"] = train_cpus(cfg)
+    specs.append(JobSpec("train", train_task, [(config_file, cwd)], params, after="extract",
+                         describe=f"pipeline.submit.train_task: stage 2, {how}"))
     if cfg.eval.prompts:
         specs.append(JobSpec("eval", eval_task, [(config_file, cwd)], slurm_params(cfg, "eval"), after="train",
                              describe="pipeline.submit.eval_task: stage 3"))
@@ -389,6 +432,9 @@ def submit(cfg: RunConfig, *, executor: Optional[str] = None, dry_run: bool = Fa
     executor = executor or cfg.jobs.executor
     if executor not in ("slurm", "local"):
         raise SubmitError(f"--executor must be slurm or local, not {executor!r}")
+    if executor == "local" and cfg.jobs.train.nodes > 1:
+        raise SubmitError(f"jobs.train.nodes is {cfg.jobs.train.nodes}: the local executor runs on this machine "
+                          "only; use --executor slurm, or torchrun on each node (README, 'Many GPUs and nodes')")
     if executor == "slurm" and not dry_run:
         import shutil
 

@@ -201,6 +201,9 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     grad_clip: float = Field(0.5, gt=0.0)
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_max_tokens: Optional[int] = Field(
+        2_000_000, gt=0, description="held-out tokens read per evaluation (a seeded subset of the held-out samples, "
+                                     "shared by training's evaluations and stage 3's offline table); null = all")
     save_every: int = Field(200, gt=0)
     eval_every: int = Field(200, gt=0)
     log_every: int = Field(10, gt=0)
@@ -299,6 +302,8 @@ class JobsExtract(_Section):
 class JobsTrain(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(1, ge=0)
+    cpus_per_gpu: Optional[int] = Field(None, gt=0, description="CPUs per rank of the train job (default: the "
+                                        "training loop + train.loader_threads + the loader's 2 other threads)")
 
 
 class JobsConfig(_Section):

@@ -118,9 +118,9 @@ class FiniteWatch:
     """Is every loss and gradient norm of a training run finite? Asked without a host sync per step.
 
     `observe(step, loss, grad_norm)` folds the values into two device scalars (the first
-    bad step, and what was bad: 1 loss, 2 gradient norm); `check()` reads them once (one
-    all-reduce across ranks when a process group is up, so every rank stops at the same
-    check) and raises NonFiniteError naming the first bad step. A trainer checks before
+    bad step, and what was bad: 1 loss, 2 gradient norm); `check(reduce_min=...)` reads them
+    once (one MIN all-reduce across ranks, so every rank stops at the same check) and raises
+    NonFiniteError naming the first bad step. A trainer checks before
     it writes a checkpoint or a head, so the last checkpoint written is always a good one,
     and at its log steps (where it reads the loss anyway).
 
@@ -153,25 +153,23 @@ class FiniteWatch:
         self.first_bad = torch.where(new, torch.full_like(self.first_bad, int(step)), self.first_bad)
         self.what = torch.where(new, code, self.what)
 
-    def state(self) -> tuple[int, int]:
-        """(first bad step or -1, what was bad at it) over every rank: one all-reduce, one host sync."""
+    def state(self, reduce_min=None) -> tuple[int, int]:
+        """(first bad step or -1, what was bad at it) over every rank: one reduction, one host sync.
+
+        `reduce_min(t)`: an in-place MIN all-reduce over the ranks (the trainer passes
+        stage2_train.collectives.Ranks'); None with one process."""
         import torch
 
         big = torch.iinfo(torch.int64).max
         # one MIN reduction: the earliest step wins, and at equal steps the larger "what" (3 - what is smaller)
         key = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, big), self.first_bad * 4 + 3 - self.what)
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(key, op=dist.ReduceOp.MIN)
-        except ImportError:  # pragma: no cover - torch without distributed
-            pass
+        if reduce_min is not None:
+            reduce_min(key)
         k = int(key.item())
         return (-1, 0) if k == big else (k // 4, 3 - k % 4)
 
-    def check(self, where: str = "training") -> None:
-        step, what = self.state()
+    def check(self, where: str = "training", reduce_min=None) -> None:
+        step, what = self.state(reduce_min)
         if step < 0:
             return
         names = [n for n, bit in (("the loss", self.LOSS), ("the gradient norm", self.GRAD)) if what & bit]

@@ -27,6 +27,7 @@ from stage2_train.sampler import pack_sorted
 from stage2_train.teacher import build_teacher
 
 SPLIT_SALT = 0x5EED
+EVAL_SALT = 0xE7A1
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +37,30 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     n_val = min(n - 1, max(1, int(round(n * val_fraction))))
     perm = np.random.default_rng([seed, SPLIT_SALT]).permutation(n)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+def heldout_subset(indices: Sequence[int], lengths: np.ndarray, max_tokens: Optional[int],
+                   seed: int) -> np.ndarray:
+    """The held-out samples one evaluation reads: all of them, or with `max_tokens` a seeded random
+    subset of at most that many (cropped) tokens (at least one sample), in ascending order."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if not max_tokens or int(lengths[idx].sum()) <= max_tokens:
+        return idx
+    perm = idx[np.random.default_rng([seed, EVAL_SALT]).permutation(len(idx))]
+    keep = max(1, int(np.searchsorted(np.cumsum(lengths[perm]), max_tokens, side="right")))
+    return np.sort(perm[:keep])
+
+
+def rank_share(indices: Sequence[int], lengths: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank r's part of `indices` (ascending, i.e. in storage order): W contiguous runs with about the
+    same number of tokens each, so each rank reads whole chunks of few shards."""
+    idx = np.sort(np.asarray(indices, dtype=np.int64))
+    if world == 1 or not len(idx):
+        return idx
+    ends = np.cumsum(lengths[idx])
+    mid = ends - lengths[idx] / 2.0  # a sample goes to the rank whose token range holds its middle
+    owner = np.minimum((mid * world / ends[-1]).astype(np.int64), world - 1)
+    return idx[owner == rank]
 
 
 def make_batches(lengths: np.ndarray, indices: Sequence[int], *, micro_batch_size: int, max_tokens: int,
@@ -150,10 +175,12 @@ def make_loader(dataset: BatchDataset, num_workers: int) -> torch.utils.data.Dat
 
 def make_train_loader(reader: CacheReader, arrivals: np.ndarray, batches: list[list[int]],
                       target_to_draft: np.ndarray, max_length: Optional[int], *, num_workers: int = 0,
-                      threads: int = 2, prefetch: int = 4):
-    """This rank's micro-batches, collated, in order (see the module docstring)."""
+                      threads: int = 2, prefetch: int = 4, read_ahead: int = 40):
+    """This rank's micro-batches, collated, in order (see the module docstring); the chunk loader
+    holds the rows of about `read_ahead` of them."""
     if num_workers > 0:
         return make_loader(BatchDataset(reader, batches, target_to_draft, max_length), num_workers)
     from stage2_train.loader import CacheLoader
 
-    return CacheLoader(reader, arrivals, batches, target_to_draft, max_length, threads=threads, prefetch=prefetch)
+    return CacheLoader(reader, arrivals, batches, target_to_draft, max_length, threads=threads, prefetch=prefetch,
+                       read_ahead=read_ahead)

@@ -8,6 +8,12 @@ step k rotated at t + k; heads that do not record that rule are refused):
 * loss[k] = mean soft CE over loss positions; loss_std[k] = token-level std;
   loss_sample_std[k] = std over samples of the per-sample mean.
 * simulated_tau = 1 + Σ_k Π_{j<=k} acc[j].
+
+Where and how much: on the head's device, in its compute dtype; at most
+`train.eval_max_tokens` tokens (a seeded subset of the held-out samples, the same for
+training's evaluations and stage 3's table); with several ranks each evaluates a
+contiguous share (`data.rank_share`) and the per-position sums are all-reduced, so
+the evaluation takes 1/W of the time and no rank waits on another for long.
 """
 from __future__ import annotations
 
@@ -15,17 +21,19 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 
 from schemas.cache import SHARD_JSON, CacheError, CacheReader, shard_name, shards_dir
 from schemas.head import HeadError, check_servable, hf_layer_ids, load_head  # noqa: F401 (hf_layer_ids re-exported)
-from stage2_train.data import BatchDataset, cropped_lengths, make_batches, split_indices, to_device
-from stage2_train.losses import simulated_tau, ttt_forward
+from stage2_train.collectives import Ranks
+from stage2_train.data import BatchDataset, cropped_lengths, heldout_subset, rank_share, split_indices, to_device
+from stage2_train.losses import Sums, simulated_tau, ttt_forward
 from stage2_train.model import Eagle3Draft
 from stage2_train.precision import compute_context
+from stage2_train.sampler import pack_sorted
 from stage2_train.vocab import vocab_from_maps
 
 
@@ -69,68 +77,114 @@ def load_model(head_dir: str | Path, reader: CacheReader, device=None) -> Eagle3
     return model.to(device or "cpu").eval()
 
 
-@torch.no_grad()
-def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_length: int, decay: float = 0.8,
-                   max_tokens: int = 8192, max_length: Optional[int] = None, progress: bool = False,
-                   compute_dtype: Optional[torch.dtype] = None) -> dict:
-    """Per-position metrics of `model` on the samples `indices` of `reader` (under autocast to
-    `compute_dtype` when given: the dtype the head trains and serves in)."""
-    vocab = vocab_from_maps(model.d2t.cpu().numpy(), model.t2d.cpu().numpy())
-    lengths = cropped_lengths(reader, max_length)
-    batches = make_batches(lengths, list(indices), micro_batch_size=256, max_tokens=max_tokens, seed=0, epoch=0,
-                           shuffle=False)
-    ds = BatchDataset(reader, batches, vocab.target_to_draft(), max_length)
-    device = next(model.parameters()).device
-    S = ttt_length
-    hit = np.zeros(S)
-    cnt = np.zeros(S)
-    ce_sum = np.zeros(S)
-    ce_sq = np.zeros(S)
-    ce_n = np.zeros(S)
-    per_sample_acc: list[list[float]] = [[] for _ in range(S)]
-    per_sample_loss: list[list[float]] = [[] for _ in range(S)]
-    tokens = 0
-    it = range(len(ds))
-    if progress:
-        from tqdm import tqdm
+# Held-out samples are read in storage order, length-sorted inside windows of this many samples
+# (little padding; the loader holds about one window of rows).
+EVAL_WINDOW = 64
+EVAL_BATCH_SAMPLES = 256
+EVAL_BATCH_TOKENS = 16384  # padded rows per evaluation batch (forward only: no activations kept)
+# Per-position sums behind the metrics: token level (hit/cnt, ce_*) and over samples (acc_s*, loss_s*).
+EVAL_ROWS = ("hit", "cnt", "ce_sum", "ce_sq", "ce_n", "acc_s", "acc_s2", "acc_sn", "loss_s", "loss_s2", "loss_sn")
 
-        it = tqdm(it, desc="eval", unit="batch", leave=False)
-    for j in it:
-        batch = to_device(ds[j], device)
-        tokens += batch["tokens"]
-        with compute_context(device, compute_dtype):
-            out = ttt_forward(model, batch, S, decay, keep_per_token=True)
-        for k, (ce, h, c, lm) in enumerate(out.per_token):
-            ce, h, c, lm = ce.double().cpu(), h.cpu(), c.cpu(), lm.cpu()
-            ce_m = ce * lm
-            hit[k] += float(h.sum())
-            cnt[k] += float(c.sum())
-            ce_sum[k] += float(ce_m.sum())
-            ce_sq[k] += float((ce_m * ce).sum())
-            ce_n[k] += float(lm.sum())
-            hs, cs = h.sum(1).double(), c.sum(1).double()
-            ls, ln = ce_m.sum(1), lm.sum(1).double()
-            per_sample_acc[k] += (hs[cs > 0] / cs[cs > 0]).tolist()
-            per_sample_loss[k] += (ls[ln > 0] / ln[ln > 0]).tolist()
-    acc = [float(hit[k] / cnt[k]) if cnt[k] else 0.0 for k in range(S)]
-    loss = [float(ce_sum[k] / ce_n[k]) if ce_n[k] else float("nan") for k in range(S)]
-    loss_std = [math.sqrt(max(0.0, ce_sq[k] / ce_n[k] - loss[k] ** 2)) if ce_n[k] else float("nan") for k in range(S)]
 
-    def _std(v):
-        return float(np.std(v)) if len(v) else float("nan")
+def _eval_batches(reader: CacheReader, mine: np.ndarray, lengths: np.ndarray, t2d: np.ndarray,
+                  max_length: Optional[int], max_tokens: int, threads: int) -> tuple[Iterable[dict], int]:
+    """This rank's samples as collated batches: the chunk loader (each chunk decoded once), or
+    sample by sample for caches whose arrays it cannot read."""
+    batches: list[list[int]] = []
+    for w0 in range(0, len(mine), EVAL_WINDOW):
+        batches += pack_sorted(mine[w0:w0 + EVAL_WINDOW], lengths, micro_batch_size=EVAL_BATCH_SAMPLES,
+                               max_tokens=max_tokens)
+    if not batches:
+        return [], 0
+    try:
+        from stage2_train.loader import CacheLoader
 
+        loader = CacheLoader(reader, mine, batches, t2d, max_length, threads=threads, prefetch=2, read_ahead=2)
+        return loader, len(batches)
+    except ValueError:  # a layout the chunk loader does not read
+        ds = BatchDataset(reader, batches, t2d, max_length)
+        return (ds[j] for j in range(len(ds))), len(batches)
+
+
+def _batch_sums(out, sums: Sums) -> None:
+    """Token- and sample-level sums of one batch (all on the device; see the module docstring)."""
+    rows: dict[str, list] = {k: [] for k in EVAL_ROWS}
+    for ce, h, c, lm in out.per_token:
+        ce, lm = ce.double(), lm.double()
+        ce_m = ce * lm
+        hs, cs = h.sum(1).double(), c.sum(1).double()
+        ls, ln = ce_m.sum(1), lm.sum(1)
+        acc_s = torch.where(cs > 0, hs / cs.clamp_min(1), 0.0)  # per-sample means, samples with counts only
+        loss_s = torch.where(ln > 0, ls / ln.clamp_min(1), 0.0)
+        for name, v in (("hit", hs.sum()), ("cnt", cs.sum()), ("ce_sum", ce_m.sum()), ("ce_sq", (ce_m * ce).sum()),
+                        ("ce_n", ln.sum()), ("acc_s", acc_s.sum()), ("acc_s2", (acc_s ** 2).sum()),
+                        ("acc_sn", (cs > 0).sum()), ("loss_s", loss_s.sum()), ("loss_s2", (loss_s ** 2).sum()),
+                        ("loss_sn", (ln > 0).sum())):
+            rows[name].append(v)
+    sums.add({k: torch.stack(v) for k, v in rows.items()})
+
+
+def _metrics(h: dict, num_samples: int) -> dict:
+    """The metrics (module docstring) from all-reduced sums."""
+    S = len(h["hit"])
+
+    def ratio(a, b, empty):
+        return [a[k] / b[k] if b[k] else empty for k in range(S)]
+
+    def std(s, s2, n):
+        return [math.sqrt(max(0.0, s2[k] / n[k] - (s[k] / n[k]) ** 2)) if n[k] else float("nan") for k in range(S)]
+
+    acc = ratio(h["hit"], h["cnt"], 0.0)
+    loss = ratio(h["ce_sum"], h["ce_n"], float("nan"))
     return {
         "acc": acc,
         "acc_std": [math.sqrt(a * (1 - a)) for a in acc],
-        "acc_sample_std": [_std(v) for v in per_sample_acc],
+        "acc_sample_std": std(h["acc_s"], h["acc_s2"], h["acc_sn"]),
         "loss": loss,
-        "loss_std": loss_std,
-        "loss_sample_std": [_std(v) for v in per_sample_loss],
+        "loss_std": std(h["ce_sum"], h["ce_sq"], h["ce_n"]),
+        "loss_sample_std": std(h["loss_s"], h["loss_s2"], h["loss_sn"]),
         "simulated_tau": simulated_tau(acc),
-        "num_samples": int(len(indices)),
-        "num_tokens": int(tokens),
-        "counted_tokens": [int(c) for c in cnt],
+        "num_samples": int(num_samples),
+        "num_tokens": int(h["tokens"]),
+        "counted_tokens": [int(c) for c in h["cnt"]],
+        "tokens_per_rank": [int(t) for t in h["tokens_per_rank"]],
     }
+
+
+@torch.no_grad()
+def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_length: int, decay: float = 0.8,
+                   max_tokens: int = EVAL_BATCH_TOKENS, max_length: Optional[int] = None, progress: bool = False,
+                   compute_dtype: Optional[torch.dtype] = None, ranks: Optional[Ranks] = None,
+                   threads: int = 2) -> dict:
+    """Per-position metrics of `model` on the samples `indices` of `reader`, on the model's device (under
+    autocast to `compute_dtype` when given: the dtype the head trains and serves in).
+
+    With `ranks` (several processes) every rank evaluates its share of the samples and the sums are
+    all-reduced: every rank must call this, and every rank returns the same metrics. `threads`: chunk
+    decode threads (train.loader_threads)."""
+    device = next(model.parameters()).device
+    ranks = ranks or Ranks(0, 1, device)
+    vocab = vocab_from_maps(model.d2t.cpu().numpy(), model.t2d.cpu().numpy())
+    lengths = cropped_lengths(reader, max_length)
+    mine = rank_share(indices, lengths, ranks.rank, ranks.world)
+    batches, n = _eval_batches(reader, mine, lengths, vocab.target_to_draft(), max_length, max_tokens, threads)
+    if progress and ranks.rank == 0:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=n, desc="eval", unit="batch", leave=False)
+    sums = Sums(device)  # every row from the start, in one order: ranks with no samples all-reduce zeros
+    sums.add({"tokens": torch.zeros((), dtype=torch.float64, device=device),
+              **{k: torch.zeros(ttt_length, dtype=torch.float64, device=device) for k in EVAL_ROWS}})
+    for batch in batches:
+        batch = to_device(batch, device)
+        with compute_context(device, compute_dtype):
+            out = ttt_forward(model, batch, ttt_length, decay, keep_per_token=True)
+        sums.add({"tokens": batch["valid"].sum()})
+        _batch_sums(out, sums)
+    share = torch.zeros(ranks.world, dtype=torch.float64, device=device)
+    share[ranks.rank] = sums.rows["tokens"]
+    sums.add({"tokens_per_rank": share})
+    return {**_metrics(sums.all_reduce(ranks).host(), len(indices)), "device": str(device)}
 
 
 def resolve_split(reader: CacheReader, config: dict, split: str, cfg=None) -> np.ndarray:
@@ -162,25 +216,36 @@ def resolve_split(reader: CacheReader, config: dict, split: str, cfg=None) -> np
 
 
 def offline_metrics(head_dir_or_model: Any, cache_dir: str | Path, *, split: str = "val", cfg=None,
-                    progress: bool = False) -> dict:
-    """Metrics of a head (directory or Eagle3Draft) on a cache: see the module docstring."""
+                    progress: bool = False, device: Optional[torch.device] = None,
+                    max_tokens: Optional[int] = None) -> dict:
+    """Metrics of a head (directory or Eagle3Draft) on a cache: see the module docstring.
+
+    device: where the head runs (default: a loaded head goes to the GPU when there is one, a
+    model stays where it is). max_tokens: the held-out cap (default train.eval_max_tokens of
+    `cfg`, else the cap the head was trained with), the same seeded subset as training's.
+    """
+    reader = CacheReader(cache_dir)
     if isinstance(head_dir_or_model, Eagle3Draft):
-        model = head_dir_or_model
-        reader = CacheReader(cache_dir)
+        model = head_dir_or_model if device is None else head_dir_or_model.to(device)
         check_head_vs_cache(model.config, reader)
     else:
-        reader = CacheReader(cache_dir)
-        model = load_model(head_dir_or_model, reader)
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        model = load_model(head_dir_or_model, reader, device=device)
     tr = model.config.get("training") or {}
     ttt = cfg.train.ttt_length if cfg is not None else int(tr.get("ttt_length", 7))
     decay = cfg.train.loss_decay if cfg is not None else float(tr.get("loss_decay", 0.8))
-    max_len = (cfg.train.max_length if cfg is not None else tr.get("max_length")) or None
-    idx = resolve_split(reader, model.config, split, cfg)
+    max_len = ((cfg.train.max_length or cfg.data.max_length) if cfg is not None else tr.get("max_length")) or None
+    if max_tokens is None:
+        max_tokens = cfg.train.eval_max_tokens if cfg is not None else tr.get("eval_max_tokens")
+    seed = cfg.train.seed if cfg is not None else int(tr.get("seed", 0))
+    idx = heldout_subset(resolve_split(reader, model.config, split, cfg), cropped_lengths(reader, max_len),
+                         max_tokens, seed)
     # the precision the head was trained and selected in (train.compute_dtype), so that these numbers
     # reproduce the training's held-out table
     amp = torch.bfloat16 if tr.get("compute_dtype") == "bfloat16" else None
     return evaluate_model(model, reader, idx, ttt_length=ttt, decay=decay, max_length=max_len, progress=progress,
-                          compute_dtype=amp)
+                          compute_dtype=amp, max_tokens=EVAL_BATCH_TOKENS)
 
 
 def metrics_table(m: dict, title: str = "held-out") -> str:

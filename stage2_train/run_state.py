@@ -18,6 +18,8 @@ import base64
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -101,30 +103,28 @@ def check_output_dir(out: Path) -> None:
         raise RunStateError(str(e)) from None
 
 
-def lock_output(out: Path, rank: int, world: int) -> Optional[DirLock]:
+def lock_output(out: Path, ranks) -> Optional[DirLock]:
     """Rank 0 checks what train.output is (schemas.dirkind), takes its lock and marks it as a training
-    output; every rank raises RunStateError alike when it is not one or another run holds it."""
-    lock, err = None, [None]
-    if rank == 0:
+    output; every rank raises RunStateError alike when it is not one or another run holds it.
+    `ranks`: stage2_train.collectives.Ranks."""
+    lock, err = None, None
+    if ranks.rank == 0:
         try:
             check_output_dir(out)
         except RunStateError as e:
-            err[0] = str(e)
-    if rank == 0 and err[0] is None:
+            err = str(e)
+    if ranks.rank == 0 and err is None:
         lock = DirLock(Path(out) / OUTPUT_LOCK, f"eagle3 train into {out}")
         try:
             lock.acquire()
             mark(out, "head", "eagle3 train")
         except LockBusy:
-            err[0] = (f"train.output {out} is in use by another training ({lock.holder()}); two runs in one "
-                      f"directory would resume each other's checkpoints. Wait for it, or set another train.output")
+            err = (f"train.output {out} is in use by another training ({lock.holder()}); two runs in one "
+                   f"directory would resume each other's checkpoints. Wait for it, or set another train.output")
             lock = None
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(err, src=0)
-    if err[0]:
-        raise RunStateError(err[0])
+    err = ranks.broadcast_object(err, src=0)
+    if err:
+        raise RunStateError(err)
     return lock
 
 
@@ -151,3 +151,25 @@ def guarded_checkpoint(ckdir: Path, tag: str, save: Callable[[], None]) -> None:
             latest.unlink(missing_ok=True)
             state = f"the incomplete checkpoint {tag} was removed; there is no earlier one, the run starts over"
         raise disk_full(e, ckdir / tag, state) from e
+
+
+# --------------------------------------------------------------------------- resuming on another number of ranks
+
+
+def to_universal(ckdir: Path, tag: str) -> Path:
+    """DeepSpeed's universal form of ZeRO checkpoint `tag` (`<tag>_universal`, named by `latest_universal`),
+    made by DeepSpeed's converter: it loads on any number of ranks (a ZeRO checkpoint loads only on as
+    many ranks as wrote it). Kept once made."""
+    out = Path(ckdir) / f"{tag}_universal"
+    done = Path(ckdir) / "latest_universal"  # the converter writes it last
+    if (out / "zero").is_dir() and done.is_file() and done.read_text().strip() == out.name:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(ckdir) / tag),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RunStateError(f"{Path(ckdir) / tag}: converting the checkpoint for another number of ranks failed "
+                            f"({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    return out

@@ -1,10 +1,17 @@
 """Stage 2: train an EAGLE-3 head from the feature cache with DeepSpeed (the target is never loaded).
 
 One process on CPU runs without a launcher (the rendezvous environment is set here,
-gloo backend); several run under `torchrun` or the `deepspeed` launcher. ZeRO 0-2,
-bf16/fp16/fp32, gradient accumulation and clipping come from the DeepSpeed JSON
-(`train.deepspeed`; "auto" values are filled from the train config); the optimizer
-(AdamW) and the schedule (linear warmup + cosine decay) are ours.
+gloo backend); several run under `torchrun` (one node or many) or the `deepspeed`
+launcher (one node). ZeRO 0-2, bf16/fp16/fp32, gradient accumulation and clipping come
+from the DeepSpeed JSON (`train.deepspeed`; "auto" values are filled from the train
+config); the optimizer (AdamW) and the schedule (linear warmup + cosine decay) are ours.
+
+On W ranks (DESIGN.md section 8): every collective goes through
+`stage2_train.collectives.Ranks` (the rank's device tensors only); step s trains on the
+global micro-batches s·W·A .. (s+1)·W·A - 1 (`data.rank_schedule`) with the loss divided
+by the step's global count of loss tokens (`train_step`), so W ranks x A accumulation
+steps = 1 rank x W·A; the held-out evaluation is sharded over the ranks; a checkpoint
+resumes on any number of ranks with the same W·A (`prepare_resume`).
 
 Layout of `train.output`:
   config.json, model.safetensors   the head: best simulated τ on the held-out split (else the last)
@@ -20,11 +27,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,11 +40,12 @@ import torch
 from schemas.cache import CacheError, CacheReader
 from schemas.config import ConfigError, RunConfig, dump_config
 from schemas.head import make_head_config
-from stage2_train.data import (cropped_lengths, make_train_loader, rank_schedule, split_indices, steps_per_epoch,
-                               to_device)
-from stage2_train.evaluate import cache_id, check_head_vs_cache, evaluate_model, metrics_table
+from stage2_train.collectives import Ranks, init_distributed
+from stage2_train.data import (cropped_lengths, heldout_subset, make_train_loader, rank_schedule, split_indices,
+                               steps_per_epoch, to_device)
+from stage2_train.evaluate import EVAL_BATCH_TOKENS, cache_id, check_head_vs_cache, evaluate_model, metrics_table
 from stage2_train.export import write_head
-from stage2_train.losses import ttt_forward
+from stage2_train.losses import Sums, loss_token_counts, ttt_forward
 from stage2_train.model import Eagle3Draft
 from stage2_train.precision import compute_context, dtype_name, resolve_compute_dtype
 from stage2_train.sampler import EpochOrder, chunk_aware_order
@@ -51,34 +60,6 @@ class TrainError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed():
-    """Join (or create) the process group; returns (rank, world_size, device)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one (else DeepSpeed tries MPI)
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
 
 
 def load_ds_config(cfg: RunConfig, world_size: int) -> dict:
@@ -161,6 +142,9 @@ class Plan:
         else:
             self.train_idx, self.val_idx = split_indices(len(r), tc.val_fraction, tc.seed)
             self.val_reader = r
+        self.num_val = len(self.val_idx)  # the split; each evaluation reads at most train.eval_max_tokens of it
+        self.val_idx = heldout_subset(self.val_idx, cropped_lengths(self.val_reader, self.max_length),
+                                      tc.eval_max_tokens, tc.seed)
         self.world, self.G = world_size, grad_accum
         self.cache_id = cache_id(r)
         tcfg = r.target_config()
@@ -210,6 +194,14 @@ class Plan:
             self._spe.append(steps_per_epoch(len(self.batches(len(self._spe))), self.world, self.G))
         return self._spe[epoch]
 
+    def read_ahead(self, epoch: int, window: int = 32) -> int:
+        """Micro-batches the loader reads ahead: one length-sorting window of the sampler (32 x
+        micro_batch_size samples), this rank's share of it; the rows it holds scale with that."""
+        tc = self.cfg.train
+        windows = max(1, math.ceil(len(self.train_idx) / (window * tc.micro_batch_size)))
+        per_rank = len(self.batches(epoch)) / windows / self.world
+        return max(4, math.ceil(1.25 * per_rank))
+
     def locate(self, step: int) -> tuple[int, int]:
         """Global optimizer step -> (epoch, step within the epoch)."""
         e = 0
@@ -225,8 +217,9 @@ class Plan:
                 "vocab_coverage": round(self.vocab.coverage, 6), "ttt_length": tc.ttt_length,
                 "loss_decay": tc.loss_decay, "max_length": self.max_length, "lr": tc.lr, "seed": tc.seed,
                 "split": {"val_fraction": 0.0 if tc.eval_cache else tc.val_fraction, "seed": tc.seed,
-                          "cache_id": self.cache_id, "num_val": int(len(self.val_idx)),
+                          "cache_id": self.cache_id, "num_val": int(self.num_val),
                           "num_train": int(len(self.train_idx))},
+                "eval_max_tokens": tc.eval_max_tokens,
                 "total_steps": self.total_steps, **extra}
 
 
@@ -256,17 +249,13 @@ def preflight(cfg: RunConfig) -> None:
     load_ds_config(cfg, 1)
 
 
-def rank_param_diff(module) -> float:
+def rank_param_diff(module, ranks: Ranks) -> float:
     """Largest |param - rank 0's param| over all ranks (0.0 when replicas agree exactly)."""
-    import torch.distributed as dist
-
-    worst = torch.zeros(1, dtype=torch.float64)
+    worst = torch.zeros(1, dtype=torch.float64, device=ranks.device)
     for p in module.parameters():
-        ref = p.detach().clone()
-        dist.broadcast(ref, src=0)
-        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double().cpu().reshape(1))
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return float(worst)
+        ref = ranks.broadcast(p.detach().clone(), src=0)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double().reshape(1))
+    return float(ranks.all_reduce(worst, op="max").item())
 
 
 # --------------------------------------------------------------------------- outputs
@@ -325,228 +314,359 @@ def plot_curves(out: Path) -> Optional[Path]:
 # --------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Run:
+    """One training run's state, shared by the functions below (the engine comes after the plan)."""
+
+    cfg: RunConfig
+    ranks: Ranks
+    plan: Plan
+    ds: dict
+    out: Path
+    lock: Any = None
+    engine: Any = None
+    amp: Optional[torch.dtype] = None
+    start: int = 0
+    best: dict = field(default_factory=lambda: {"tau": -1.0, "step": None, "metrics": None})
+    bar: Any = None
+    wb: Any = None
+
+    @property
+    def tc(self):
+        return self.cfg.train
+
+    @property
+    def ckdir(self) -> Path:
+        return self.out / CKPT_DIR
+
+    @property
+    def G(self) -> int:
+        return int(self.ds["gradient_accumulation_steps"])
+
+    @property
+    def dtype(self) -> str:
+        return ds_dtype(self.ds)
+
+    @property
+    def zero_stage(self) -> int:
+        return int((self.ds.get("zero_optimization") or {}).get("stage", 0))
+
+
 def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -> Path:
-    """Train a head from `cfg.train_cache`; returns the head directory (`train.output`)."""
-    import deepspeed
-    import torch.distributed as dist
+    """Train a head from `cfg.train_cache`; returns the head directory (`train.output`).
 
-    from stage2_train.run_state import guarded_checkpoint, load_rng_state, lock_output, rng_file, save_rng_state
-
-    tc = cfg.train
-    out = Path(tc.output)
+    Reads top-down: plan (cache, split, steps, output directory), the engine (model,
+    optimizer, DeepSpeed, resume), the steps (each followed, on schedule, by a held-out
+    evaluation and a checkpoint), the head.
+    """
     preflight(cfg)  # bad configs fail here, before any process group or DeepSpeed work
-    rank, world, device = init_distributed()
-    out_lock = lock_output(out, rank, world)  # before anything in train.output is touched
-    ds = load_ds_config(cfg, world)
-    G = int(ds["gradient_accumulation_steps"])
-    plan = Plan(cfg, world, G)
-    ckdir = out / CKPT_DIR
+    ranks = init_distributed()
+    run = plan_run(cfg, ranks, restart)
+    start_engine(run)
+    announce(run, progress)
+    finish(run, train_steps(run))
+    return run.out
 
-    if rank == 0:
+
+def plan_run(cfg: RunConfig, ranks: Ranks, restart: bool) -> Run:
+    """The lock on train.output, the DeepSpeed config, the plan; a fresh or resumable output directory."""
+    from stage2_train.run_state import lock_output
+
+    out = Path(cfg.train.output)
+    lock = lock_output(out, ranks)  # before anything in train.output is touched
+    ds = load_ds_config(cfg, ranks.world)
+    run = Run(cfg=cfg, ranks=ranks, plan=Plan(cfg, ranks.world, int(ds["gradient_accumulation_steps"])), ds=ds,
+              out=out, lock=lock)
+    if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if restart:
-            shutil.rmtree(ckdir, ignore_errors=True)
+            shutil.rmtree(run.ckdir, ignore_errors=True)
             for f in ("metrics.jsonl", "eval.jsonl"):
                 (out / f).unlink(missing_ok=True)
         (out / "train_config.yaml").write_text(dump_config(cfg))
-    dist.barrier()
+    ranks.barrier()
+    check_resumable(run)
+    return run
 
-    resume = (ckdir / "latest").is_file()
-    # What a checkpoint must share with this run to be resumed (ZeRO partitions depend on world size).
-    run_identity = {"cache_id": plan.cache_id, "draft_vocab_size": tc.draft_vocab_size, "ttt_length": tc.ttt_length,
-                    "hidden_size": plan.reader.hidden_size, "layers": plan.reader.layers, "world_size": world,
-                    "grad_accum": G}
-    if resume:
-        st = json.loads((ckdir / "run.json").read_text()) if (ckdir / "run.json").is_file() else {}
-        for key in ("cache_id", "draft_vocab_size", "ttt_length", "hidden_size", "layers", "world_size",
-                    "grad_accum"):
-            now = run_identity[key]
-            if key in st and st[key] != now:
-                raise TrainError(f"{ckdir}: the checkpoint was trained with {key}={st[key]}, this run has {now}; "
-                                 "use --restart to start over (or another train.output)")
 
-    torch.manual_seed(tc.seed)
-    model = Eagle3Draft(plan.head_config)
-    emb = plan.reader.load_embedding()
+def run_identity(run: Run) -> dict:
+    """What a checkpoint must share with this run to be resumed. The global batch (ranks x accumulation
+    micro-batches) fixes the samples of each step, so a run resumes on any number of ranks that keeps it."""
+    r = run.plan.reader
+    return {"cache_id": run.plan.cache_id, "draft_vocab_size": run.tc.draft_vocab_size,
+            "ttt_length": run.tc.ttt_length, "hidden_size": r.hidden_size, "layers": r.layers,
+            "global_micro_batches": run.ranks.world * run.G}
+
+
+def check_resumable(run: Run) -> None:
+    p = run.ckdir / "run.json"
+    if not (run.ckdir / "latest").is_file() or not p.is_file():
+        return
+    st = json.loads(p.read_text())
+    if "global_micro_batches" not in st and "world_size" in st:  # written before the global batch was recorded
+        st["global_micro_batches"] = int(st["world_size"]) * int(st.get("grad_accum", 1))
+    for key, now in run_identity(run).items():
+        if key in st and st[key] != now:
+            hint = (f" (ranks x gradient_accumulation_steps; this run has {run.ranks.world} x {run.G}: set "
+                    f"train.gradient_accumulation_steps so that the product is {st[key]})"
+                    if key == "global_micro_batches" else "")
+            raise TrainError(f"{run.ckdir}: the checkpoint was trained with {key}={st[key]}, this run has {now}"
+                             f"{hint}; use --restart to start over (or another train.output)")
+
+
+def build_model(run: Run) -> Eagle3Draft:
+    """The head with the target's frozen embedding and the draft vocab, built on the host (the same initial
+    weights on every device)."""
+    r = run.plan.reader
+    torch.manual_seed(run.tc.seed)
+    with torch.device("cpu"):
+        model = Eagle3Draft(run.plan.head_config)
+    emb = r.load_embedding()
     if tuple(emb.shape) != tuple(model.embed_tokens.weight.shape):
-        raise CacheError(f"{plan.reader.target_dir()}: embedding is {tuple(emb.shape)}, expected "
+        raise CacheError(f"{r.target_dir()}: embedding is {tuple(emb.shape)}, expected "
                          f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
     model.set_embedding(emb)
-    model.set_vocab_map(torch.from_numpy(plan.vocab.d2t), torch.from_numpy(plan.vocab.t2d))
+    model.set_vocab_map(torch.from_numpy(run.plan.vocab.d2t), torch.from_numpy(run.plan.vocab.t2d))
+    return model
+
+
+def start_engine(run: Run) -> None:
+    """Model on the rank's device, AdamW + warmup/cosine, DeepSpeed; the latest checkpoint when there is one."""
+    import deepspeed
+
+    tc, plan, device = run.tc, run.plan, run.ranks.device
+    model = build_model(run)
     rotary = model.rotary_buffers()  # W5: every rotary buffer, not only inv_freq (longrope reads original_inv_freq)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     warmup = int(math.ceil(tc.warmup_ratio * plan.total_steps))
+    tag = prepare_resume(run)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(0.9, 0.95),
+                            weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, plan.total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    # DeepSpeed may cast float buffers to bf16/fp16 (data_types.buffer_dtype; older versions cast them all);
-    # RoPE frequencies must stay exact.
-    engine.module.restore_rotary_buffers(rotary)
-    dtype = ds_dtype(ds)
-    amp = resolve_compute_dtype(tc.compute_dtype, device, dtype)
-    zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-
-    start, best = 0, {"tau": -1.0, "step": None, "metrics": None}
-    if resume:
-        path, client = engine.load_checkpoint(str(ckdir), load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise TrainError(f"{ckdir}: could not load the latest checkpoint; use --restart")
-        start = int(client["step"])
-        best = client.get("best", best)
-        # The scheduler's state carries the old step count; a changed train.max_steps/epochs reshapes it.
-        for fn in getattr(engine.lr_scheduler, "lr_lambdas", []):
-            if isinstance(fn, WarmupCosine):
-                fn.__init__(warmup, plan.total_steps)
-        load_rng_state(Path(path).parent, rank)  # JSON; DeepSpeed's files above are trusted (see run_state)
-    if rank == 0:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        (ckdir / "run.json").write_text(json.dumps(run_identity))
+    run.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=run.ds)
+    # DeepSpeed may cast float buffers to bf16/fp16 (data_types.buffer_dtype); RoPE frequencies must stay exact.
+    run.engine.module.restore_rotary_buffers(rotary)
+    run.amp = resolve_compute_dtype(tc.compute_dtype, device, run.dtype)
+    if tag is not None:
+        resume(run, tag, warmup)
+    if run.ranks.rank == 0:
+        run.ckdir.mkdir(parents=True, exist_ok=True)
+        (run.ckdir / "run.json").write_text(json.dumps({**run_identity(run), "world_size": run.ranks.world,
+                                                         "grad_accum": run.G}))
         for f in ("metrics.jsonl", "eval.jsonl"):
-            _truncate_jsonl(out / f, start)
-        print(f"[stage 2] cache {plan.reader.root}: {len(plan.train_idx)} train / {len(plan.val_idx)} held-out "
-              f"samples; draft vocab {tc.draft_vocab_size} covers {plan.vocab.coverage:.2%} of loss-masked tokens; "
-              f"{plan.total_steps} steps (world {world}, accumulation {G}, {dtype} weights, {dtype_name(amp)} compute, "
-              f"ZeRO-{(ds.get('zero_optimization') or {}).get('stage', 0)})"
-              + (f"; resuming at step {start}" if start else ""), flush=True)
+            _truncate_jsonl(run.out / f, run.start)
 
-    wb = None
-    if rank == 0 and tc.report_to == "wandb":
+
+def prepare_resume(run: Run) -> Optional[str]:
+    """The tag to resume from, or None. A ZeRO checkpoint written by another number of ranks is converted
+    by DeepSpeed's own tool into its universal form, which loads on any number of ranks."""
+    from stage2_train.run_state import to_universal
+
+    latest = run.ckdir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    saved = json.loads((run.ckdir / "run.json").read_text()).get("world_size") \
+        if (run.ckdir / "run.json").is_file() else None
+    if run.zero_stage in (1, 2) and saved not in (None, run.ranks.world):
+        if run.ranks.rank == 0:
+            to_universal(run.ckdir, tag)
+        run.ranks.barrier()
+        run.ds = {**run.ds, "checkpoint": {**run.ds.get("checkpoint", {}), "load_universal": True}}
+    return tag
+
+
+def resume(run: Run, tag: str, warmup: int) -> None:
+    """Weights, optimizer, schedule, data position, best held-out result and RNG states of checkpoint `tag`."""
+    from stage2_train.run_state import load_rng_state
+
+    path, client = run.engine.load_checkpoint(str(run.ckdir), load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise TrainError(f"{run.ckdir}: could not load the latest checkpoint; use --restart")
+    run.start, run.best = int(client["step"]), client.get("best", run.best)
+    # The scheduler's state carries the old step count; a changed train.max_steps/epochs reshapes it.
+    for fn in getattr(run.engine.lr_scheduler, "lr_lambdas", []):
+        if isinstance(fn, WarmupCosine):
+            fn.__init__(warmup, run.plan.total_steps)
+    load_rng_state(run.ckdir / tag, run.ranks.rank)  # JSON; DeepSpeed's files are trusted (see run_state)
+
+
+def announce(run: Run, progress: bool) -> None:
+    """Rank 0: the plan in one line, wandb, the progress bar."""
+    if run.ranks.rank != 0:
+        return
+    tc, plan = run.tc, run.plan
+    print(f"[stage 2] cache {plan.reader.root}: {len(plan.train_idx)} train / {plan.num_val} held-out samples "
+          f"({len(plan.val_idx)} read per evaluation, train.eval_max_tokens={tc.eval_max_tokens}); draft vocab "
+          f"{tc.draft_vocab_size} covers {plan.vocab.coverage:.2%} of loss-masked tokens; {plan.total_steps} steps "
+          f"(world {run.ranks.world}, accumulation {run.G}, {run.dtype} weights, {dtype_name(run.amp)} compute, "
+          f"ZeRO-{run.zero_stage}, {run.ranks.device})" + (f"; resuming at step {run.start}" if run.start else ""),
+          flush=True)
+    if tc.report_to == "wandb":
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")  # nothing is sent unless the user chose a mode
-        wb = wandb.init(project=tc.wandb_project, name=cfg.name, dir=str(out), resume="allow",
-                        config=cfg.model_dump(mode="json"))
-
-    bar = None
-    if rank == 0 and progress:
+        run.wb = wandb.init(project=tc.wandb_project, name=run.cfg.name, dir=str(run.out), resume="allow",
+                            config=run.cfg.model_dump(mode="json"))
+    if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        run.bar = tqdm(total=plan.total_steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True)
 
-    def evaluate(step: int) -> None:
-        if not len(plan.val_idx):
-            return
-        res = [None]
-        if rank == 0:
-            m = evaluate_model(engine.module, plan.val_reader, plan.val_idx, ttt_length=tc.ttt_length,
-                               decay=tc.loss_decay, max_tokens=max(tc.max_tokens_per_batch, 4096),
-                               max_length=plan.max_length, compute_dtype=amp)
-            with (out / "eval.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, **m}) + "\n")
-            if m["simulated_tau"] > best["tau"]:
-                best.update(tau=m["simulated_tau"], step=step, metrics=m)
-                write_head(engine.module, out, plan.training_block(best_step=step, heldout=m,
-                                                                    compute_dtype=dtype_name(amp)))
-            res[0] = dict(best)
-        dist.broadcast_object_list(res, src=0)
-        best.update(res[0])
 
-    def checkpoint(step: int, epoch: int, in_epoch: int) -> None:
-        tag = f"step{step:08d}"
-
-        def save() -> None:
-            (ckdir / tag).mkdir(parents=True, exist_ok=True)
-            save_rng_state(rng_file(ckdir / tag, rank))
-            engine.save_checkpoint(str(ckdir), tag=tag, exclude_frozen_parameters=True,
-                                   client_state={"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                                                 "best": best})
-
-        guarded_checkpoint(ckdir, tag, save)
-        dist.barrier()
-        if rank == 0:  # `latest` now names this tag; older ones can go
-            tags = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for p in tags[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(p, ignore_errors=True)
-
-    step = start
-    t_last = time.perf_counter()
+def train_steps(run: Run) -> int:
+    """Optimizer steps from run.start to the end, epoch by epoch; returns the last step."""
+    tc, plan = run.tc, run.plan
+    step = run.start
     while step < plan.total_steps:
         epoch, in_epoch = plan.locate(step)
         order = plan.order(epoch)
-        sched_b = rank_schedule(order.batches, rank=rank, world_size=world, grad_accum=G, start_step=in_epoch)
-        loader = make_train_loader(plan.reader, order.arrivals, sched_b, plan.vocab.target_to_draft(),
-                                   plan.max_length, num_workers=tc.num_workers, threads=tc.loader_threads)
+        mine = rank_schedule(order.batches, rank=run.ranks.rank, world_size=run.ranks.world, grad_accum=run.G,
+                             start_step=in_epoch)
+        loader = make_train_loader(plan.reader, order.arrivals, mine, plan.vocab.target_to_draft(), plan.max_length,
+                                   num_workers=tc.num_workers, threads=tc.loader_threads,
+                                   read_ahead=plan.read_ahead(epoch))
         it = iter(loader)
         for s in range(in_epoch, plan.spe(epoch)):
             if step >= plan.total_steps:
                 break
-            stats = torch.zeros(5, tc.ttt_length, dtype=torch.float64)
-            gn = None
-            for g in range(G):
-                batch = to_device(next(it), device)
-                with compute_context(device, amp):
-                    o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay)
-                engine.backward(o.loss)
-                if g == G - 1 and zero_stage == 0 and dtype == "float32":
-                    gn = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO / mixed precision
-                engine.step()
-                stats[0] += o.loss_sum
-                stats[1] += o.loss_n
-                stats[2] += o.correct
-                stats[3] += o.counted
-                stats[4, 0] += batch["tokens"]
+            t0 = time.perf_counter()
+            sums, gn = train_step(run, it)
             step += 1
-            if world > 1:
-                dist.all_reduce(stats)
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            if rank == 0:
-                loss_k = (stats[0] / stats[1].clamp_min(1)).tolist()
-                acc_k = (stats[2] / stats[3].clamp_min(1)).tolist()
-                if gn is None:
-                    gn = engine.get_global_grad_norm()
-                rec = {"step": step, "epoch": epoch, "loss": sum(tc.loss_decay ** k * l for k, l in enumerate(loss_k)),
-                       "loss_k": loss_k, "acc_k": acc_k, "lr": float(engine.get_lr()[0]),
-                       "grad_norm": float(gn) if gn is not None else None, "tokens": int(stats[4, 0]),
-                       "tokens_per_s": float(stats[4, 0]) / max(dt, 1e-9)}
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if wb is not None:
-                    wb.log({"loss": rec["loss"], "lr": rec["lr"], "grad_norm": rec["grad_norm"],
-                            "tokens_per_s": rec["tokens_per_s"],
-                            **{f"loss_{k}": v for k, v in enumerate(loss_k)},
-                            **{f"acc_{k}": v for k, v in enumerate(acc_k)}}, step=step)
-                if bar is not None:
-                    bar.update(1)
-                    if step % tc.log_every == 0 or step == plan.total_steps or step == start + 1:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc_0=f"{acc_k[0]:.3f}",
-                                        tok_s=f"{rec['tokens_per_s']:.0f}")
+            log_step(run, step, epoch, sums, gn, t0)
             if step % tc.eval_every == 0 or step == plan.total_steps:
-                evaluate(step)
+                evaluate(run, step)
             if step % tc.save_every == 0 or step == plan.total_steps:
-                checkpoint(step, epoch, s + 1)
+                checkpoint(run, step, epoch, s + 1)
         del it, loader
-    if bar is not None:
-        bar.close()
-    if start >= plan.total_steps and len(plan.val_idx) and best["metrics"] is None:
-        evaluate(step)
+    if run.start >= plan.total_steps and len(plan.val_idx) and run.best["metrics"] is None:
+        evaluate(run, step)
+    return step
 
-    final = {"final_step": step, "dtype": dtype, "compute_dtype": dtype_name(amp), "world_size": world, "grad_accum": G, "zero_stage": zero_stage}
-    if world > 1:  # data parallel replicas must hold the same head
-        final["ranks_max_param_diff"] = rank_param_diff(engine.module)
-    if rank == 0:
-        write_head(engine.module, out / "last", plan.training_block(**final))
-        if best["metrics"] is None:  # no held-out split: the head is the last one
-            write_head(engine.module, out, plan.training_block(**final))
+
+def train_step(run: Run, it) -> tuple[Sums, Optional[float]]:
+    """One optimizer step over this rank's G micro-batches; returns the step's all-reduced sums.
+
+    The loss is normalised by the step's global count of loss tokens (all micro-batches of all
+    ranks, counted before the forward), so every loss token weighs the same whatever the cut into
+    micro-batches and ranks. DeepSpeed divides the gradient by the accumulation steps and averages
+    it over ranks; the factor W x G undoes both.
+    """
+    tc, r, engine = run.tc, run.ranks, run.engine
+    host = [next(it) for _ in range(run.G)]
+    n_tokens = r.all_reduce(torch.stack([loss_token_counts(b, tc.ttt_length) for b in host]).sum(0).to(r.device))
+    sums, gn = Sums(r.device), None
+    for g, b in enumerate(host):
+        batch = to_device(b, r.device)
+        with compute_context(r.device, run.amp):
+            o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay, loss_tokens=n_tokens)
+        engine.backward(o.loss * (r.world * run.G))
+        if g == run.G - 1 and r.rank == 0 and run.zero_stage == 0 and run.dtype == "float32":
+            gn = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO / mixed precision
+        engine.step()
+        sums.add(o.sums).add({"tokens": batch["valid"].sum()})
+    return sums.all_reduce(r), gn
+
+
+def log_step(run: Run, step: int, epoch: int, sums: Sums, gn: Optional[float], t0: float) -> None:
+    """Rank 0: metrics.jsonl, wandb, the progress bar (one device-to-host copy per step)."""
+    if run.ranks.rank != 0:
+        return
+    tc = run.tc
+    h = sums.host()
+    dt = time.perf_counter() - t0
+    loss_k = [a / max(b, 1.0) for a, b in zip(h["loss_sum"], h["loss_n"])]
+    acc_k = [a / max(b, 1.0) for a, b in zip(h["correct"], h["counted"])]
+    if gn is None:
+        gn = run.engine.get_global_grad_norm()
+    rec = {"step": step, "epoch": epoch, "loss": sum(tc.loss_decay ** k * v for k, v in enumerate(loss_k)),
+           "loss_k": loss_k, "acc_k": acc_k, "lr": float(run.engine.get_lr()[0]),
+           "grad_norm": float(gn) if gn is not None else None, "tokens": int(h["tokens"]),
+           "tokens_per_s": float(h["tokens"]) / max(dt, 1e-9)}
+    with (run.out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if run.wb is not None:
+        run.wb.log({"loss": rec["loss"], "lr": rec["lr"], "grad_norm": rec["grad_norm"],
+                    "tokens_per_s": rec["tokens_per_s"], **{f"loss_{k}": v for k, v in enumerate(loss_k)},
+                    **{f"acc_{k}": v for k, v in enumerate(acc_k)}}, step=step)
+    if run.bar is not None:
+        run.bar.update(1)
+        if step % tc.log_every == 0 or step == run.plan.total_steps or step == run.start + 1:
+            run.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc_0=f"{acc_k[0]:.3f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+
+
+def evaluate(run: Run, step: int) -> None:
+    """The held-out evaluation, sharded over the ranks (every rank gets the same metrics); rank 0 writes
+    eval.jsonl and, on a better simulated τ, the head."""
+    plan = run.plan
+    if not len(plan.val_idx):
+        return
+    m = evaluate_model(run.engine.module, plan.val_reader, plan.val_idx, ttt_length=run.tc.ttt_length,
+                       decay=run.tc.loss_decay, max_tokens=EVAL_BATCH_TOKENS, max_length=plan.max_length,
+                       compute_dtype=run.amp, ranks=run.ranks, threads=run.tc.loader_threads)
+    better = m["simulated_tau"] > run.best["tau"]
+    if better:
+        run.best.update(tau=m["simulated_tau"], step=step, metrics=m)
+    if run.ranks.rank == 0:
+        with (run.out / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **m}) + "\n")
+        if better:
+            write_head(run.engine.module, run.out, plan.training_block(best_step=step, heldout=m,
+                                                                       compute_dtype=dtype_name(run.amp)))
+
+
+def checkpoint(run: Run, step: int, epoch: int, in_epoch: int) -> None:
+    """DeepSpeed's checkpoint + data position + RNG states; the two newest are kept."""
+    from stage2_train.run_state import guarded_checkpoint, rng_file, save_rng_state
+
+    tag, ckdir = f"step{step:08d}", run.ckdir
+
+    def save() -> None:
+        (ckdir / tag).mkdir(parents=True, exist_ok=True)
+        save_rng_state(rng_file(ckdir / tag, run.ranks.rank))
+        run.engine.save_checkpoint(str(ckdir), tag=tag, exclude_frozen_parameters=True,
+                                   client_state={"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                                                 "best": run.best})
+
+    guarded_checkpoint(ckdir, tag, save)
+    run.ranks.barrier()
+    if run.ranks.rank == 0:  # `latest` now names this tag; older ones, and converted ones, can go
+        tags = sorted(p for p in ckdir.iterdir() if p.is_dir() and re.fullmatch(r"step\d{8}", p.name))
+        for p in tags[:-KEEP_CHECKPOINTS] + sorted(ckdir.glob("step*_universal")):
+            shutil.rmtree(p, ignore_errors=True)
+        (ckdir / "latest_universal").unlink(missing_ok=True)
+
+
+def finish(run: Run, step: int) -> None:
+    """The head: last/ always, the best held-out one at the top (else the last); curves; the lock released."""
+    if run.bar is not None:
+        run.bar.close()
+    final = {"final_step": step, "dtype": run.dtype, "compute_dtype": dtype_name(run.amp),
+             "world_size": run.ranks.world, "grad_accum": run.G, "zero_stage": run.zero_stage}
+    if run.ranks.world > 1:  # data parallel replicas must hold the same head
+        final["ranks_max_param_diff"] = rank_param_diff(run.engine.module, run.ranks)
+    if run.ranks.rank == 0:
+        write_head(run.engine.module, run.out / "last", run.plan.training_block(**final))
+        if run.best["metrics"] is None:  # no held-out split: the head is the last one
+            write_head(run.engine.module, run.out, run.plan.training_block(**final))
         else:
-            cfgp = out / "config.json"
+            cfgp = run.out / "config.json"
             hc = json.loads(cfgp.read_text())
-            hc["training"].update(best_step=best["step"], **final)
+            hc["training"].update(best_step=run.best["step"], **final)
             cfgp.write_text(json.dumps(hc, indent=2))
-            table = metrics_table(best["metrics"], f"held-out, best step {best['step']}")
-            (out / "heldout_table.md").write_text(table)
+            table = metrics_table(run.best["metrics"], f"held-out, best step {run.best['step']}")
+            (run.out / "heldout_table.md").write_text(table)
             print(table, flush=True)
-        plot_curves(out)
-    if wb is not None:
-        wb.finish()
-    dist.barrier()
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    if out_lock is not None:
-        out_lock.release()
-    return out
+        plot_curves(run.out)
+    if run.wb is not None:
+        run.wb.finish()
+    run.ranks.barrier()
+    if hasattr(run.engine, "destroy"):
+        run.engine.destroy()
+    if run.lock is not None:
+        run.lock.release()
 
 
 def check_head_on_cache(head_config: dict, cache_dir: str | Path) -> None:

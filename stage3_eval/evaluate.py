@@ -140,7 +140,8 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
         bar.close()
     checks = _sampling_checks(cfg, tok, drafts, methods, prompts, progress)
     return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
-                   target_dtype=base_runner.dtype, tree_check=tree_check, checks=checks)
+                   target_dtype=base_runner.dtype, tree_check=tree_check, checks=checks,
+                   device=base_runner.device)
 
 
 def _bar(progress: bool, total: int, desc: str, unit: str):
@@ -227,7 +228,7 @@ def _sampling_checks(cfg, tok, drafts, methods, prompts, progress) -> dict:
 
 
 def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, target_dtype=None,
-            tree_check=None, checks=None) -> dict:
+            tree_check=None, checks=None, device=None) -> dict:
     """Summaries (HF methods, offline table, vLLM section when asked for) -> report files."""
     e = cfg.eval
     report = {
@@ -256,7 +257,7 @@ def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, tar
                     row["sampling_check"] = check
                     row["lossless"] = check["pass"]
                 entry["methods"].append(row)
-        entry["offline"] = offline_table(h, cfg, progress=progress) if e.offline else None
+        entry["offline"] = offline_table(h, cfg, progress=progress, device=device) if e.offline else None
         report["heads"].append(entry)
     out = Path(e.output) if e.output else Path(heads[0]) / "eval"
     if vllm_python is not None:

@@ -2,8 +2,8 @@
 
 Computed by stage 2's `offline_metrics` (stage 3 may import stage 2) on the eval
 cache (`extract.eval_cache`, every sample) when it exists, else on the held-out
-split of the training cache. Markdown in the seed's format: "| position | acc | loss |"
-with mean ± std.
+split of the training cache, on the target's device, at most `train.eval_max_tokens`
+tokens. Markdown in the seed's format: "| position | acc | loss |" with mean ± std.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 KEYS = ("acc", "acc_std", "loss", "loss_std", "simulated_tau", "acc_sample_std", "loss_sample_std",
-        "num_samples", "num_tokens")
+        "num_samples", "num_tokens", "device")
 
 
 def pick_cache(cfg) -> Optional[tuple[str, str]]:
@@ -23,8 +23,12 @@ def pick_cache(cfg) -> Optional[tuple[str, str]]:
     return None
 
 
-def offline_table(head_dir: str, cfg, *, progress: bool = False) -> dict:
-    """{acc, acc_std, loss, loss_std, simulated_tau, cache, split, ...} or {"skipped": reason}."""
+def offline_table(head_dir: str, cfg, *, progress: bool = False, device=None) -> dict:
+    """{acc, acc_std, loss, loss_std, simulated_tau, cache, split, ...} or {"skipped": reason}.
+
+    device: the target's device (the head runs there; default: the GPU when there is one). At most
+    train.eval_max_tokens tokens are read (the seeded subset training's evaluations read).
+    """
     try:
         from stage2_train.evaluate import offline_metrics
     except ImportError as e:  # stage 2 not installed/complete: the rest of the eval still runs
@@ -33,7 +37,7 @@ def offline_table(head_dir: str, cfg, *, progress: bool = False) -> dict:
     if where is None:
         return {"skipped": f"no feature cache at {cfg.eval_cache} or {cfg.train_cache}"}
     cache, split = where
-    m = offline_metrics(head_dir, cache, split=split, cfg=cfg, progress=progress)
+    m = offline_metrics(head_dir, cache, split=split, cfg=cfg, progress=progress, device=device)
     out = {k: m[k] for k in KEYS if k in m}
     out.update(cache=str(cache), split=split)
     return out

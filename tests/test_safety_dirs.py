@@ -167,17 +167,19 @@ def test_train_output_never_overwrites_a_model(model_dir, tmp_path):
 
 
 def test_lock_output_checks_before_touching(model_dir, tmp_path):
+    from stage2_train.collectives import Ranks
     from stage2_train.run_state import RunStateError, lock_output
 
+    one = Ranks(0, 1, torch.device("cpu"))
     before = tree(model_dir)
     with pytest.raises(RunStateError, match="is a model directory"):
-        lock_output(model_dir, 0, 1)
+        lock_output(model_dir, one)
     assert tree(model_dir) == before
     out = tmp_path / "head"
-    lock = lock_output(out, 0, 1)
+    lock = lock_output(out, one)
     assert classify(out).kind == "head" and (out / MARKER).is_file()
     lock.release()
-    lock_output(out, 0, 1).release()  # an earlier training output is resumed
+    lock_output(out, one).release()  # an earlier training output is resumed
 
 
 # --------------------------------------------------------------------------- export

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slurm
 SLURM_JOBS = {"executor": "slurm", "extract": {"tasks": 2},
               "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem": "2G", "time": "00:15:00",
                         "extra_sbatch": ["--comment=eagle3-test"]},
-              "train": {"nodes": 1, "gpus_per_node": 0}}
+              "train": {"nodes": 1, "gpus_per_node": 0, "cpus_per_gpu": 1}}  # the test node has 2 CPUs
 
 
 @pytest.fixture
@@ -53,7 +53,8 @@ def test_dry_run_prints_array_dependent_jobs_and_deepspeed_launcher(tmp_path, ti
     assert "module load cuda/12.4\nsource .venv/bin/activate" in ex
     assert "#SBATCH --dependency='afterok:<extract job id>'" in tr and "#SBATCH --kill-on-invalid-dep=yes" in tr
     assert "#SBATCH --nodes=2" in tr and "#SBATCH --gpus-per-node=8" in tr
-    assert "deepspeed --num_gpus 8 --no_local_rank --num_nodes 2" in tr and "--no_ssh --module pipeline.cli train" in tr
+    assert "torch.distributed.run --nnodes 2 --node_rank '$SLURM_NODEID' --nproc_per_node 8" in tr
+    assert "-m pipeline.cli train" in tr and "deepspeed" not in tr  # no hostfile needed (tests/test_many_ranks.py)
     assert "#SBATCH --dependency='afterok:<train job id>'" in ev
     assert not (tmp_path / "run" / "jobs" / "jobs.json").exists()  # a dry run submits nothing
 
