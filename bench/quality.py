@@ -281,6 +281,8 @@ sweep:
   eval: false
   grid:
 {grid}
+vllm:
+  kv_cache_gib: {kv_gib}                          # room for ~100 multi-turn histories at once
 jobs:
   executor: local
 """
@@ -293,7 +295,8 @@ def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | 
     p = point or {}
     grid = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sz.sweep_grid.items())
     return TEMPLATE.format(
-        regen_batch=256 if engine == "vllm" else 16,
+        # vLLM: a chunk is fsynced as a whole, so it is what a kill can lose (~15 min on shared cores)
+        regen_batch=128 if engine == "vllm" else 16, kv_gib=1.5 if dtype == "bfloat16" else 3,
         mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
         max_length=sz.max_length, answer_tokens=sz.answer_tokens,
         vocab=p.get("train.draft_vocab_size", sz.draft_vocab), ttt=p.get("train.ttt_length", sz.ttt),
