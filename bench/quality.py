@@ -536,6 +536,9 @@ def main(argv=None) -> int:
                     help="both: the bf16 MT-bench evaluation also runs the exported head in vLLM")
     ap.add_argument("--sharegpt", type=int, default=None,
                     help=f"ShareGPT v3 conversations in the mix (default {Sizes.sharegpt}; 0 = the issue-13 mix)")
+    ap.add_argument("--conversations", type=int, default=None,
+                    help="keep only the first N conversations of the mix (it is interleaved: any prefix keeps the "
+                         "sources' shares; cutting at what regenerated.jsonl already holds ends regeneration there)")
     ap.add_argument("--until", default="eval", choices=UNTIL,
                     help="stop after this stage (extract: the cache only, e.g. in the background "
                          "while the training recipe is still being decided)")
@@ -562,6 +565,8 @@ def main(argv=None) -> int:
     if len(train) < sz.prompts + sz.sharegpt:
         raise SystemExit(f"quality: only {len(train)} distinct training prompts available, "
                          f"{sz.prompts} + {sz.sharegpt} ShareGPT conversations asked")
+    if a.conversations:
+        train = train[:a.conversations]
     table, secs = plan(sz, a.engine, a.dtype, len(a.eval_dtypes.split(",")), train)
     print(f"# quality plan ({'quick' if a.quick else 'full'}, engine {a.engine}, target {a.dtype}, "
           f"{a.threads} threads, load {os.getloadavg()[0]:.1f}) -> {run}\n")
