@@ -1,18 +1,51 @@
-"""Real-budget quality benchmark (issue 13): a head SmolLM2 can actually use, on CPU.
+"""Real-budget quality benchmark (issues 13, 21): a head SmolLM2 can actually use, on CPU.
 
   python bench/quality.py [--quick] [--engine hf|vllm] [--dtype D] [--eval-dtypes D,D] [--threads N]
+                          [--sharegpt N] [--conversations N] [--sweep] [--sweep-steps N] [--epochs N]
+                          [--until regenerate|extract|sweep|train|eval] [--publish NAME|none]
                           [--run-dir runs/quality] [--dry-run]          (make quality QUALITY_ARGS=...)
 
-Drives the CLI (`python -m pipeline.cli run|sweep|eval CONFIG key=value ...`): writes the prompt
-set (<run>/prompts.jsonl: AlpacaEval instructions, the ShareGPT example's distinct first turns,
-GSM8K train questions; never MT-bench; GSM8K's last 20 rows reserved) and the two eval sets,
-generates <run>/sweep.yaml from TEMPLATE, regenerates + extracts one cache, sweeps lr x draft
-vocab from it, trains the best point (<run>/final.yaml) and evaluates it on 20 MT-bench first
-turns and the 20 reserved GSM8K questions (chain k=3 and tree); the table lands in
-<run>/quality.md. Every stage is skipped when its pipeline marker says it is done, so a
-re-run only evaluates.
+Drives the CLI (`python -m pipeline.cli run|sweep|eval CONFIG key=value ...`). The prompt set
+(<run>/prompts.jsonl) mixes Sizes.sharegpt real multi-turn ShareGPT v3 conversations (human turns
+only, at most Sizes.sharegpt_turns each, a conversation ending before a human turn over
+Sizes.human_chars characters; the target answers every turn in context, through vLLM's batched
+generation with --engine vllm) with Sizes.prompts single-turn prompts of the issue-13 sources
+(AlpacaEval instructions, the ShareGPT example's distinct first turns, GSM8K train questions; GSM8K's
+last 20 rows are reserved); never MT-bench. The sources are interleaved by weight, so every prefix
+of the file keeps the mix and `--conversations N` (a prefix) can cut a run short at any point.
+Eval sets: all 80 MT-bench first turns (ids mt-<id>-<category>) and the 20 reserved GSM8K questions.
+Then: regenerate + extract one cache (<run>/sweep.yaml), with --sweep the staged sweep
+(Sizes.sweep_stages: lr, warmup, draft vocab, TTT length, one factor at a time around the best so
+far, each head --sweep-steps steps, ranked by τ over the first 5 positions), the best point trained
+for Sizes.final_epochs (<run>/final.yaml; the head kept is the best held-out step), stage 3 on both
+eval sets (chain k=3 and tree, every eval dtype), <run>/quality.md, and the published report
+(bench/quality_report.py): <run>/result/quality.{json,md,png} and, for a full run,
+bench/results/<--publish>.{json,md,png}: command, config and data sha256s, acc_k and simulated τ
+against training tokens, real τ per MT-bench category, the issue's goals and their margins.
 
-## Measured (2026-11-29, AMD EPYC, 2 cores with AVX512-BF16, no AMX; partly shared with other jobs)
+## Resuming across sittings
+
+Every stage is skipped when its pipeline marker (<run>/.pipeline/) says it is done, so re-running
+the same command continues where the last one stopped:
+* regeneration appends to <run>/regenerated.jsonl in chunks of 128 conversations (vLLM), each chunk
+  written whole and fsynced; a kill loses at most the chunk in flight, a re-run skips the ids already
+  written (stage1_extract/regenerate.py drops a partial last line first). Keep --dtype and the sizes:
+  answers written under another target dtype or answer length are refused, not mixed.
+* extraction skips committed shards (256 conversations each); a kill loses the shard in flight.
+* `--until extract` stops after the cache (e.g. to build it in the background while the training
+  recipe is still changing); a later run without it goes on with the sweep and the training.
+* to stop regeneration early for good, cut the mix at what is written:
+  `--conversations $(wc -l < <run>/regenerated.jsonl)` (the file is a prefix of the mix).
+
+The ShareGPT run of issue 21 (2,000 conversations, ~0.7 M answer tokens, cache ~1 M tokens; fp32 on
+this AVX2 machine, where bf16 is emulated) was started as
+  cd runs/quality-sharegpt/code && EAGLE3_VLLM_PYTHON=/work/main/.venv-vllm/bin/python \
+    nice -n 5 python bench/quality.py --engine vllm --dtype float32 --threads 2 \
+    --run-dir <abs>/runs/quality-sharegpt --until extract --nice 0 --conversations 2000
+from a `git archive` of the branch (so later edits of the checkout cannot change the code a long
+run imports midway; runs/quality-sharegpt/shared links ../shared for the data).
+
+## Measured, issue 13's mix (2026-11-29, AMD EPYC, 2 cores with AVX512-BF16, no AMX; partly shared)
 
 `make quality QUALITY_ARGS="--engine vllm --epochs 5 --eval-engine both"`, 1 h 50 min wall in all:
 * regeneration, vLLM 0.32 (bf16, batches of 256): 2,000 answers, 310,738 answer tokens in 650 s;
