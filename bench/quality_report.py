@@ -205,9 +205,10 @@ def markdown(rep: dict, png_name: str) -> str:
                      f"{_f(r['speedup'], '{:.2f}×')} | {ll} | "
                      + " | ".join(_f(r["by_category"].get(k)) for k in cats) + " |")
     if rep["sweep"].get("rows"):
-        lines += ["", "## Sweep", "", "| point | acc_0 | simulated τ |", "|---|---:|---:|"]
-        lines += [f"| {'**★** ' if r.get('best') else ''}{r['name']} | {_f(r.get('acc_0'))} | "
-                  f"{_f(r.get('simulated_tau'))} |" for r in rep["sweep"]["rows"]]
+        lines += ["", "## Sweep (one cache; each stage around the best point so far)", "",
+                  "| stage | point | acc_0 | simulated τ | τ@5 (ranks) |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r.get('stage', '')} | {'**★** ' if r.get('best') else ''}{r['name']} | {_f(r.get('acc_0'))} | "
+                  f"{_f(r.get('simulated_tau'))} | {_f(r.get('tau@5'))} |" for r in rep["sweep"]["rows"]]
     lines += ["", "## Reproduce", "", f"config `{rep['config']['path']}` (sha256 `{rep['config']['sha256']}`); data:", ""]
     lines += [f"* `{d['path']}`: sha256 `{d['sha256']}`" for d in rep["data"]]
     lines += ["", "stages (seconds when each last ran): "
