@@ -329,11 +329,11 @@ def measure(a, tmp: Path) -> dict:
                                                    "ttt": s, "dtype": dt, "seconds": 0.0, "tokens": 0})
                         if "error" in out:
                             row["error"] = out["error"]
-                            continue
-                        row["seconds"] += sum(out["seconds"])
-                        row["tokens"] += out["tokens"] * len(out["seconds"])
-                        row.update(first_loss=out["losses"][0], saved_mib=out["saved_mib"],
-                                   peak_rss_delta_mib=out["peak_rss_delta_mib"], version=out["specforge_version"])
+                        else:
+                            row["seconds"] += sum(out["seconds"])
+                            row["tokens"] += out["tokens"] * len(out["seconds"])
+                            row.update(first_loss=out["losses"][0], saved_mib=out["saved_mib"],
+                                       peak_rss_delta_mib=out["peak_rss_delta_mib"], version=out["specforge_version"])
                     print(f"[bench] round {rnd + 1}/{a.rounds} T={T} TTT {s} {dt} done "
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)
         del runners
