@@ -175,6 +175,20 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). getrusage's ru_maxrss cannot be reset and
+    survives fork + exec: a child would report its parent's RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_specforge(python: str, tmp: Path, name: str, batch: dict, state_path: Path, cfg: dict, ttt: int,
                   steps: int, dtype: str, threads: int, compile_: bool, mem_cap_gib: float = 0) -> dict:
     bpath = tmp / f"views-{name}.pt"
@@ -203,7 +217,7 @@ def run_specforge(python: str, tmp: Path, name: str, batch: dict, state_path: Pa
 
 
 def rss_point(args, T: int, ttt: int, impl: str, dtype: str, tmp: Path) -> float | None:
-    """Peak RSS growth (MiB) of one warm step of `impl` in a fresh process (--rss)."""
+    """Peak RSS over the RSS before a step (MiB): the second step of `impl` in a fresh process (--rss)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-worker", impl, "--lengths", str(T), "--ttt", str(ttt),
            "--dtypes", dtype, "--tokens", str(args.tokens), "--baseline", args.baseline,
            "--draft-vocab", str(args.draft_vocab), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
@@ -292,9 +306,11 @@ def rss_worker(a) -> int:
         cfg, state, _, batches, impls = setup(a, Path(td))
         T, ttt = a.lengths[0], a.ttt[0]
         r = Runner(impls[a.rss_worker], cfg, state, torch.bfloat16 if a.dtypes[0] == "bfloat16" else None)
+        r.step(batches[T], ttt)                 # warm-up: AdamW state, allocator (SpecForge: compile)
         before = rss_mib()
+        reset_peak_rss()
         r.step(batches[T], ttt)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+        print(peak_rss_mib() - before)
     return 0
 
 
