@@ -1,126 +1,409 @@
-"""Training-step throughput (issue 13): the TTT step in fp32 vs bf16 autocast, offline vs online.
+"""The TTT training step, side by side (issue 21): before / after this branch, and SpecForge's.
 
-  python bench/bench_train_step.py --cache runs/demo/cache [--steps 4] [--rounds 2] [--threads 2]
+  python bench/bench_train_step.py [--lengths 512,2048,4096] [--ttt 5,7] [--tokens 2048] [--rounds 2]
+                                   [--steps 2] [--dtypes auto] [--baseline c96fae6] [--rss]
+                                   [--specforge /work/venvs/specforge/bin/python] [--cache CACHE]
+                                   [--json OUT.json] [--md OUT.md] [--quick]
 
-One process, the same batches (train.micro_batch_size rows, chunk-aware order) for every variant,
-alternated round by round so that a shared machine's load hits all alike:
-* step fp32      ttt_forward + backward + AdamW, fp32 weights, no autocast (train.compute_dtype=float32);
-* step bf16      the same under bf16 autocast (train.compute_dtype=bfloat16: what `auto` picks on
-                 CUDA and on CPUs with native bf16);
-* online         the target resident: its forward (output_hidden_states, top-K log-probs, the
-                 teacher rebuilt) and then the bf16 step, i.e. what a trainer without the cache does
-                 on every step of every epoch. The target runs in the fast dtype too.
-Prints tokens/s per variant, the bf16/fp32 ratio and offline/online steps/s, and per-position
-accuracy after the steps (the two precisions must learn alike).
+One process, the same batches and the same initial weights for every variant, alternated round
+by round so a shared machine's load hits all alike (each variant keeps its own AdamW state):
+* before     stage2_train/model.py + ttt_attention.py as of --baseline (git show into a temp
+             dir; the loss, stage2_train/losses.py, is today's for both);
+* after      this checkout;
+* specforge  SpecForge 0.2.0's draft model doing its TTT step, in its own venv
+             (bench/specforge_step_worker.py says how it runs on a CPU), one subprocess a point.
+Shapes: for each T, B = max(1, tokens // T) rows of length T: SmolLM2-135M's head (hidden 576,
+9/3 heads, draft vocab --draft-vocab), K = 64 teacher entries, random features (or rows of a real
+cache with --cache). Reports tokens/s of the timed steps, the loss of the first step (the same
+weights: before and after must agree to the dtype's rounding), the memory autograd keeps for
+backward (distinct storages, parameters excluded) and, with --rss (one subprocess per point),
+the peak RSS growth over a step. --quick: tiny shapes in seconds (the test suite runs it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_train import make_model, online_batches  # noqa: E402
-from schemas.cache import CacheReader  # noqa: E402
-from stage2_train.data import make_train_loader  # noqa: E402
+from schemas.head import make_head_config  # noqa: E402
 from stage2_train.losses import ttt_forward  # noqa: E402
 from stage2_train.precision import compute_context  # noqa: E402
-from stage2_train.sampler import chunk_aware_order  # noqa: E402
-from stage2_train.vocab import build_draft_vocab  # noqa: E402
+from stage2_train.teacher import step_view  # noqa: E402
+
+SMOLLM2 = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+               vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+               model_type="llama", hidden_act="silu")
+TINY = dict(SMOLLM2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+            vocab_size=512)
+WORKER = Path(__file__).with_name("specforge_step_worker.py")
+BASE_FILES = ("stage2_train/ttt_attention.py", "stage2_train/model.py")
 
 
-def steps(model, opt, batches, ttt, amp) -> tuple[float, int, list]:
-    """(seconds, tokens, acc_k of the last batch) for one pass over `batches`."""
-    dev = torch.device("cpu")
-    t, tok = time.perf_counter(), 0
-    for b in batches:
-        with compute_context(dev, amp):
-            o = ttt_forward(model, b, ttt)
-        o.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tok += int(b["tokens"])
-    return time.perf_counter() - t, tok, (o.correct / o.counted.clamp_min(1)).tolist()
+# --------------------------------------------------------------------------- models and batches
 
 
-def main() -> int:
+def head_config(target: dict, n_draft: int) -> dict:
+    return make_head_config(target, draft_vocab_size=n_draft, layer_ids=[2, 15, 27])
+
+
+def load_baseline(rev: str, tmp: Path):
+    """stage2_train/model.py of `rev`, importing `rev`'s ttt_attention (module names bench_base_*)."""
+    for f in BASE_FILES:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{f}"], capture_output=True, text=True)
+        if src.returncode != 0:
+            raise SystemExit(f"bench_train_step: git show {rev}:{f} failed ({src.stderr.strip()}); "
+                             f"give --baseline a commit of this repository")
+        text = src.stdout.replace("from stage2_train.ttt_attention import", "from bench_base_ttt_attention import")
+        (tmp / ("bench_base_" + Path(f).name)).write_text(text)
+    sys.path.insert(0, str(tmp))
+    spec = importlib.util.spec_from_file_location("bench_base_model", tmp / "bench_base_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.Eagle3Draft
+
+
+def initial_state(cfg: dict, seed: int = 0) -> dict:
+    from stage2_train.model import Eagle3Draft
+
+    torch.manual_seed(seed)
+    m = Eagle3Draft(cfg, torch.randn(cfg["vocab_size"], cfg["hidden_size"]) * 0.02)
+    n, V = cfg["draft_vocab_size"], cfg["vocab_size"]
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    m.set_vocab_map(ids - torch.arange(n), torch.zeros(V, dtype=torch.bool).index_fill_(0, ids, True))
+    return {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("rotary.")}
+
+
+def synthetic_batch(B: int, T: int, cfg: dict, K: int, seed: int) -> dict:
+    """Features ~ N(0, 1) in bf16 (as cached), a teacher of K draft ids, 70% loss positions in runs."""
+    g = torch.Generator().manual_seed(seed)
+    n = cfg["draft_vocab_size"]
+    idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    prob = torch.softmax(torch.randn(B, T, K, generator=g) * 3, -1)
+    mask = (torch.rand(B, T // 8 + 1, generator=g) < 0.7).repeat_interleave(8, dim=1)[:, :T]
+    return {"input_ids": torch.randint(0, cfg["vocab_size"], (B, T), generator=g), "loss_mask": mask,
+            "valid": torch.ones(B, T, dtype=torch.bool),
+            "hidden": torch.randn(B, T, 3 * cfg["hidden_size"], generator=g).to(torch.bfloat16),
+            "t_idx": idx, "t_prob": prob, "t_top1": idx[..., 0].clone(), "tokens": B * T}
+
+
+def cache_batch(reader, B: int, T: int, n_draft: int) -> dict:
+    """B rows of length T filled with consecutive cached samples (throughput only: the teacher of a
+    row that crosses a sample boundary is the next sample's, as if it were one long conversation)."""
+    import numpy as np
+
+    from stage2_train.data import collate
+    from stage2_train.vocab import build_draft_vocab
+
+    vocab = build_draft_vocab(reader.token_counts(), n_draft)
+    rows, i = [], 0
+    for _ in range(B):
+        parts, have = [], 0
+        while have < T:
+            s = reader.sample(i % len(reader))
+            parts.append(s)
+            have += len(s["input_ids"])
+            i += 1
+        rows.append({k: np.concatenate([p[k] for p in parts])[:T] for k in parts[0]})
+    return collate(rows, vocab.target_to_draft(), T), vocab
+
+
+def step_views(batch: dict, ttt: int) -> dict:
+    """The per-step inputs and teacher (stage2_train.teacher.step_view) for the SpecForge worker."""
+    vs = [step_view(batch, k) for k in range(ttt)]
+    return {"hidden": batch["hidden"], "ids": [v.input_ids for v in vs], "idx": [v.idx for v in vs],
+            "prob": [v.prob for v in vs], "mask": [v.loss_mask for v in vs]}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def saved_bytes(model):
+    """(context, [bytes]): distinct storages autograd keeps for backward, parameters excluded."""
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen, total = set(), [0]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total[0] += st.nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), total
+
+
+class Runner:
+    """One implementation (class), its model and optimizer; `step` = ttt_forward + backward + AdamW."""
+
+    def __init__(self, cls, cfg: dict, state: dict, amp, embed: torch.nn.Parameter | None = None):
+        self.model = cls(cfg)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("rotary.") for k in missing):
+            raise SystemExit(f"bench_train_step: state does not fit {cls.__module__}: {missing} {unexpected}")
+        if embed is not None:                      # frozen: one copy for every runner
+            self.model.embed_tokens.weight = embed
+        self.model.embed_tokens.weight.requires_grad_(False)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+        self.amp = amp
+
+    def step(self, batch: dict, ttt: int, measure: bool = False) -> tuple[float, float, int]:
+        hooks, total = saved_bytes(self.model) if measure else (contextlib.nullcontext(), [0])
+        t = time.perf_counter()
+        with hooks, compute_context(torch.device("cpu"), self.amp):
+            out = ttt_forward(self.model, batch, ttt)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t, out.loss.item(), total[0]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). getrusage's ru_maxrss cannot be reset and
+    survives fork + exec: a child would report its parent's RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_specforge(python: str, tmp: Path, name: str, batch: dict, state_path: Path, cfg: dict, ttt: int,
+                  steps: int, dtype: str, threads: int, compile_: bool, mem_cap_gib: float = 0) -> dict:
+    bpath = tmp / f"views-{name}.pt"
+    if not bpath.exists():
+        torch.save(step_views(batch, ttt), bpath)
+    sf_cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "eagle_config", "training")}
+    req = {"batch": str(bpath), "weights": str(state_path), "config": sf_cfg, "ttt": ttt, "steps": steps,
+           "decay": 0.8, "dtype": dtype, "threads": threads, "compile": compile_}
+    (tmp / "sf-req.json").write_text(json.dumps(req))
+    res = tmp / "sf-res.json"
+    res.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # Its T x T scores can outgrow a shared machine: an address-space cap turns that into an error
+    # here instead of the kernel's OOM killer picking some other process.
+    cap = int(mem_cap_gib * 2**30)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    p = subprocess.run([python, "-I", str(WORKER), str(tmp / "sf-req.json"), str(res)], env=env,
+                       capture_output=True, text=True, preexec_fn=limit if mem_cap_gib else None)
+    if p.returncode != 0 or not res.exists():
+        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-6:])
+        return {"error": f"rc {p.returncode}: {tail}"}
+    return json.loads(res.read_text())
+
+
+def rss_point(args, T: int, ttt: int, impl: str, dtype: str, tmp: Path) -> float | None:
+    """Peak RSS over the RSS before a step (MiB): the second step of `impl` in a fresh process (--rss)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-worker", impl, "--lengths", str(T), "--ttt", str(ttt),
+           "--dtypes", dtype, "--tokens", str(args.tokens), "--baseline", args.baseline,
+           "--draft-vocab", str(args.draft_vocab), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    if args.cache:
+        cmd += ["--cache", args.cache]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return float(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"[bench] --rss {impl} T={T}: {p.stderr.strip()[-300:]}", flush=True)
+        return None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", required=True)
-    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    ap.add_argument("--lengths", default="512,2048,4096")
+    ap.add_argument("--ttt", default="5,7")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per batch: B = max(1, tokens // T)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per variant per round (after a warm-up)")
+    ap.add_argument("--dtypes", default="auto", help="float32, bfloat16 (autocast) or auto (the trainer's choice "
+                                                     "on this machine: bf16 only where it is native)")
     ap.add_argument("--draft-vocab", type=int, default=8000)
-    ap.add_argument("--ttt", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-online", action="store_true")
+    ap.add_argument("--baseline", default="c96fae6", help="git revision of the 'before' implementation")
+    ap.add_argument("--specforge", default=os.environ.get("EAGLE3_SPECFORGE_PYTHON"),
+                    help="python of a venv with specforge 0.2.0 (default $EAGLE3_SPECFORGE_PYTHON; none: skip)")
+    ap.add_argument("--specforge-ttt", default=None, help="TTT lengths for SpecForge (default: the largest of --ttt)")
+    ap.add_argument("--specforge-no-compile", action="store_true", help="TORCH_COMPILE_DISABLE=1 in its worker")
+    ap.add_argument("--specforge-mem-gib", type=float, default=8.0,
+                    help="address-space cap of its worker (0: none); a point over it is reported as an error")
+    ap.add_argument("--rss", action="store_true", help="also peak RSS per point, one subprocess each")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=None, help="fill the batches with rows of this cache instead of random ones")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    reader = CacheReader(a.cache)
-    vocab = build_draft_vocab(reader.token_counts(), a.draft_vocab)
-    lengths = np.minimum(reader.lengths(), a.max_length)
-    order = chunk_aware_order(np.array([x.shard for x in reader.refs]), lengths, np.arange(len(reader)),
-                              micro_batch_size=a.micro_batch, max_tokens=a.max_tokens, seed=0, epoch=0)
-    need = a.steps * a.rounds
-    if len(order.batches) < need:
-        raise SystemExit(f"{a.cache}: {len(order.batches)} batches, {need} needed (lower --steps/--rounds)")
-    batches = list(make_train_loader(reader, order.arrivals, order.batches[:need], vocab.target_to_draft(),
-                                     a.max_length, num_workers=0, threads=1))
-    variants = {"step fp32": None, "step bf16": torch.bfloat16}
-    models = {k: make_model(reader, vocab, a.draft_vocab) for k in variants}
-    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in models.items()}
-    tmodel = None
-    if not a.no_online:
-        from schemas.config import TargetConfig
-        from schemas.target import load_target
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 round: seconds")
+    ap.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.lengths = a.lengths if a.lengths != "512,2048,4096" else "16,32"
+        a.ttt = a.ttt if a.ttt != "5,7" else "2,3"
+        a.tokens, a.rounds, a.steps, a.draft_vocab = min(a.tokens, 64), 1, 1, min(a.draft_vocab, 64)
+    a.lengths = [int(x) for x in str(a.lengths).split(",")]
+    a.ttt = [int(x) for x in str(a.ttt).split(",")]
+    a.specforge_ttt = [int(x) for x in a.specforge_ttt.split(",")] if a.specforge_ttt else [max(a.ttt)]
+    from stage2_train.precision import resolve_compute_dtype
 
-        tmodel, _, _ = load_target(TargetConfig(path=reader.meta["target"]["path"], device="cpu"))
-        variants["online"] = torch.bfloat16
-        models["online"], opts["online"] = models["step bf16"], opts["step bf16"]
-    tot = {k: [0.0, 0] for k in variants}
-    acc = {}
-    steps(models["step fp32"], opts["step fp32"], batches[:1], a.ttt, None)  # warm-up (allocator, oneDNN)
-    for r in range(a.rounds):
-        block = batches[r * a.steps:(r + 1) * a.steps]
-        for name, amp in variants.items():
-            if name == "online":
-                t0 = time.perf_counter()
-                gen = online_batches(tmodel, reader.layers, reader.topk, vocab.target_to_draft(), block)
-                dt, tok, acc[name] = steps(models[name], opts[name], gen, a.ttt, amp)
-                dt = time.perf_counter() - t0
-            else:
-                dt, tok, acc[name] = steps(models[name], opts[name], block, a.ttt, amp)
-            tot[name][0] += dt
-            tot[name][1] += tok
-    rep = {"cache": a.cache, "threads": torch.get_num_threads(), "load1": os.getloadavg()[0],
-           "steps": need, "micro_batch": a.micro_batch,
-           "target_dtype": str(next(tmodel.parameters()).dtype) if tmodel is not None else None,
-           "tokens_per_s": {k: v[1] / v[0] for k, v in tot.items()},
-           "steps_per_s": {k: need / v[0] for k, v in tot.items()}, "acc_last_batch": acc}
-    t = rep["tokens_per_s"]
-    rep["bf16_over_fp32"] = t["step bf16"] / t["step fp32"]
-    if "online" in t:
-        rep["offline_over_online"] = t["step bf16"] / t["online"]
-        rep["offline_fp32_over_online"] = t["step fp32"] / t["online"]
-    print(json.dumps(rep, indent=1))
-    print("\n| variant | tokens/s | steps/s |\n|---|---:|---:|")
-    for k in variants:
-        print(f"| {k} | {t[k]:,.0f} | {rep['steps_per_s'][k]:.3f} |")
-    print(f"\nbf16 / fp32 step: {rep['bf16_over_fp32']:.2f}x"
-          + (f"; offline / online (bf16 step): {rep['offline_over_online']:.2f}x" if "online" in t else ""))
+    a.dtypes = [("bfloat16" if resolve_compute_dtype("auto", torch.device("cpu"), "float32") else "float32")
+                if d == "auto" else d for d in a.dtypes.split(",")]
+    return a
+
+
+def setup(a, tmp: Path):
+    """(config, initial state, its path, batches per T, implementations)."""
+    target = TINY if a.quick else SMOLLM2
+    reader = None
+    if a.cache:
+        from schemas.cache import CacheReader
+
+        reader = CacheReader(a.cache)
+        target = reader.target_config()
+    cfg = head_config(target, a.draft_vocab)
+    state = initial_state(cfg)
+    batches = {}
+    for T in a.lengths:
+        B = max(1, a.tokens // T)
+        if reader is None:
+            batches[T] = synthetic_batch(B, T, cfg, min(64, a.draft_vocab), seed=T)
+        else:
+            batches[T], vocab = cache_batch(reader, B, T, a.draft_vocab)
+            state["d2t"], state["t2d"] = torch.from_numpy(vocab.d2t), torch.from_numpy(vocab.t2d)
+            state["embed_tokens.weight"] = reader.load_embedding().float()
+    state_path = tmp / "state.pt"
+    torch.save(state, state_path)
+    from stage2_train.model import Eagle3Draft
+
+    impls = {"before": load_baseline(a.baseline, tmp), "after": Eagle3Draft}
+    return cfg, state, state_path, batches, impls
+
+
+def rss_worker(a) -> int:
+    with tempfile.TemporaryDirectory(prefix="eagle3-bench-step-") as td:
+        cfg, state, _, batches, impls = setup(a, Path(td))
+        T, ttt = a.lengths[0], a.ttt[0]
+        r = Runner(impls[a.rss_worker], cfg, state, torch.bfloat16 if a.dtypes[0] == "bfloat16" else None)
+        r.step(batches[T], ttt)                 # warm-up: AdamW state, allocator (SpecForge: compile)
+        before = rss_mib()
+        reset_peak_rss()
+        r.step(batches[T], ttt)
+        print(peak_rss_mib() - before)
+    return 0
+
+
+def measure(a, tmp: Path) -> dict:
+    cfg, state, state_path, batches, impls = setup(a, tmp)
+    points = [(T, s, dt) for dt in a.dtypes for T in a.lengths for s in a.ttt]
+    res: dict = {}
+    for dt in a.dtypes:
+        amp = torch.bfloat16 if dt == "bfloat16" else None
+        embed = torch.nn.Parameter(state["embed_tokens.weight"].clone(), requires_grad=False)
+        runners = {(name, T, s): Runner(cls, cfg, state, amp, embed) for name, cls in impls.items()
+                   for T in a.lengths for s in a.ttt}
+        for (name, T, s), r in runners.items():                # warm-up: the first step, same weights
+            _, loss, saved = r.step(batches[T], s, measure=True)
+            res[f"{name}|{T}|{s}|{dt}"] = {"impl": name, "T": T, "B": batches[T]["input_ids"].shape[0], "ttt": s,
+                                            "dtype": dt, "seconds": 0.0, "tokens": 0, "first_loss": loss,
+                                            "saved_mib": saved / 2**20}
+        for rnd in range(a.rounds):
+            for T in a.lengths:
+                for s in a.ttt:
+                    for name in impls:
+                        row = res[f"{name}|{T}|{s}|{dt}"]
+                        for _ in range(a.steps):
+                            sec, _, _ = runners[(name, T, s)].step(batches[T], s)
+                            row["seconds"] += sec
+                            row["tokens"] += int(batches[T]["tokens"])
+                    if a.specforge and s in a.specforge_ttt:
+                        out = run_specforge(a.specforge, tmp, f"{T}-{s}", batches[T], state_path, cfg, s, a.steps,
+                                            dt, a.threads, not a.specforge_no_compile, a.specforge_mem_gib)
+                        key = f"specforge|{T}|{s}|{dt}"
+                        row = res.setdefault(key, {"impl": "specforge", "T": T, "B": batches[T]["input_ids"].shape[0],
+                                                   "ttt": s, "dtype": dt, "seconds": 0.0, "tokens": 0})
+                        if "error" in out:
+                            row["error"] = out["error"]
+                        else:
+                            row["seconds"] += sum(out["seconds"])
+                            row["tokens"] += out["tokens"] * len(out["seconds"])
+                            row.update(first_loss=out["losses"][0], saved_mib=out["saved_mib"],
+                                       peak_rss_delta_mib=out["peak_rss_delta_mib"], version=out["specforge_version"])
+                    print(f"[bench] round {rnd + 1}/{a.rounds} T={T} TTT {s} {dt} done "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        del runners
+    if a.rss:
+        for T, s, dt in points:
+            for name in impls:
+                res[f"{name}|{T}|{s}|{dt}"]["peak_rss_delta_mib"] = rss_point(a, T, s, name, dt, tmp)
+    for row in res.values():
+        row["tokens_per_s"] = row["tokens"] / row["seconds"] if row.get("seconds") else None
+    return {"rows": list(res.values()), "points": points}
+
+
+def table(rep: dict) -> str:
+    rows = {(r["impl"], r["T"], r["ttt"], r["dtype"]): r for r in rep["rows"]}
+    out = ["| T | B | TTT | dtype | before tok/s | after tok/s | after / before | first loss before / after | "
+           "kept for backward MiB before / after | SpecForge tok/s | after / SpecForge | SpecForge first loss | "
+           "SpecForge kept MiB | peak RSS +MiB after / SpecForge |",
+           "|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|"]
+
+    def f(x, fmt="{:,.0f}"):
+        return "–" if x is None else fmt.format(x)
+
+    for T, s, dt in rep["points"]:
+        b, a, sf = rows.get(("before", T, s, dt)), rows.get(("after", T, s, dt)), rows.get(("specforge", T, s, dt))
+        ratio = a["tokens_per_s"] / b["tokens_per_s"] if a["tokens_per_s"] and b["tokens_per_s"] else None
+        sf_tps = sf.get("tokens_per_s") if sf else None
+        sf_cell = f(sf_tps) if not (sf and sf.get("error")) else "error"
+        out.append(f"| {T} | {a['B']} | {s} | {dt} | {f(b['tokens_per_s'], '{:,.1f}')} | {f(a['tokens_per_s'], '{:,.1f}')} | "
+                   f"{f(ratio, '{:.2f}x')} | {b['first_loss']:.6f} / {a['first_loss']:.6f} | "
+                   f"{b['saved_mib']:,.0f} / {a['saved_mib']:,.0f} | {sf_cell} | "
+                   f"{f(a['tokens_per_s'] / sf_tps if sf_tps else None, '{:.2f}x')} | "
+                   f"{f(sf.get('first_loss') if sf else None, '{:.6f}')} | {f(sf.get('saved_mib') if sf else None)} | "
+                   f"{f(a.get('peak_rss_delta_mib'))} / {f(sf.get('peak_rss_delta_mib') if sf else None)} |")
+    errs = [f"* SpecForge T={r['T']} TTT {r['ttt']}: {r['error']}" for r in rep["rows"] if r.get("error")]
+    return "\n".join(out + ([""] + errs if errs else [])) + "\n"
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    if a.rss_worker:
+        return rss_worker(a)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="eagle3-bench-step-") as td:
+        rep = measure(a, Path(td))
+    rep.update(baseline=a.baseline, threads=a.threads, load1=os.getloadavg()[0], quick=a.quick,
+               wall_s=round(time.perf_counter() - t0, 1), torch=torch.__version__,
+               command="python bench/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    md = table(rep)
+    print("\n" + md)
     if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        Path(a.json).write_text(json.dumps(rep, indent=1) + "\n")
+    if a.md:
+        Path(a.md).write_text(md)
     return 0
 
 

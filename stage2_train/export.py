@@ -159,4 +159,6 @@ def export_head(head_dir: str | Path, engine: str | None, out_dir: str | Path, *
         from stage2_train.export_speculators import to_speculators
 
         to_speculators(out_dir, verifier=str(verifier), speculative_tokens=speculative_tokens)
+    from stage2_train.model_card import write_model_card  # README.md beside the weights (Hub model card)
+    write_model_card(out_dir, head_dir, c2)
     return Path(out_dir)

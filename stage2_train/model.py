@@ -199,7 +199,8 @@ class Eagle3Draft(nn.Module):
     # -- training ----------------------------------------------------------------------
     def ttt_step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One step of the training-time-test unroll; appends this step's (k, v) to `cache`.
+        """One step of the training-time-test unroll; appends this step's (k, v) to `cache` (expanded
+        to the query heads).
 
         position_ids [B, T] are the rows' own positions t. Step k = len(cache) rotates
         row t at position t + k (POSITION_RULE: the draft token at depth k is served at
@@ -213,9 +214,10 @@ class Eagle3Draft(nn.Module):
         x = layer.attn_input(hidden, self.embed(input_ids))
         cos, sin = self._rope(x, position_ids + len(cache))
         q, k, v = a.qkv(x, cos, sin)
-        cache.append((k, v))
-        o = ttt_attention(q, a._expand(cache[0][0]), a._expand(cache[0][1]),
-                          [a._expand(kj) for kj, _ in cache[1:]], [a._expand(vj) for _, vj in cache[1:]])
+        # Keys/values are expanded to the query heads once, when made: every later step reads
+        # them again (and autograd then saves one copy, not one per step).
+        cache.append((a._expand(k), a._expand(v)))
+        o = ttt_attention(q, cache[0][0], cache[0][1], [kj for kj, _ in cache[1:]], [vj for _, vj in cache[1:]])
         return layer.finish(hidden, a.out(o))
 
     def ttt_reference_mask(self, T: int, k: int) -> torch.Tensor:

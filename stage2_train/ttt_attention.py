@@ -6,11 +6,16 @@ softmax over both sets:
 
     o_t = (Z0_t * o0_t + sum_j exp(s_jt) v_jt) / (Z0_t + sum_j exp(s_jt))
 
-with o0 the causal attention over the step-0 keys (`scaled_dot_product_attention`:
-fused kernels, memory linear in T), Z0 = exp(lse0) its softmax normaliser and s_jt
-the diagonal scores (one dot product per position). SDPA does not return lse0, so
-`causal_lse` computes it in query chunks and recomputes the chunks in backward:
-only q, k and lse0 ([B, heads, T]) are saved. Exact, not an approximation.
+with o0 the causal attention over the step-0 keys, Z0 = exp(lse0) its softmax
+normaliser and s_jt the diagonal scores (one dot product per position). Exact, not an
+approximation; o0 and lse0 both carry gradients. Two ways to get them:
+
+* fused (CPU): the flash-attention kernel returns lse0 with o0 (one pass over the
+  scores), and its backward takes the lse gradient too: dS = P * (dP - D + g_lse), where
+  the kernel computes D_t = dO_t . O_t, so one extra head-dim column (q, k, v: 0; O: -g_lse;
+  dO: 1) makes it compute D_t - g_lse_t. Saved for backward: q, k, v, o0, lse0.
+* blockwise (elsewhere, and the reference): `scaled_dot_product_attention` for o0, and
+  `causal_lse` recomputing the scores in fp32 query chunks, forward and backward.
 """
 from __future__ import annotations
 
@@ -76,16 +81,61 @@ def causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return _CausalLSE.apply(q, k, scale)
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+FUSED = True   # False: the blockwise path everywhere (tests compare the two)
+
+
+class _FlashCPU(torch.autograd.Function):
+    """(o, lse) of causal attention from the CPU flash kernel; gradients through both."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        o, lse = _FLASH_CPU(q, k, v, 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, g_o, g_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if g_o is None:
+            g_o = torch.zeros_like(o)
+        if g_lse is None:
+            g_lse = torch.zeros_like(lse)
+        d = q.shape[-1]
+        col = q.new_zeros(q.shape[:-1] + (1,))
+
+        def wide(x, extra):
+            return torch.cat((x, extra), dim=-1)
+
+        dq, dk, dv = _FLASH_CPU_BWD(wide(g_o, torch.ones_like(col)), wide(q, col), wide(k, col), wide(v, col),
+                                    wide(o, -g_lse.to(o.dtype).unsqueeze(-1)), lse, 0.0, True, scale=ctx.scale)
+        return dq[..., :d], dk[..., :d], dv[..., :d], None
+
+
+def _fused(q: torch.Tensor) -> bool:
+    return FUSED and q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B,H,T,d] in q's dtype, lse [B,H,T] fp32 (float64 for float64)) of causal attention."""
+    scale = q.shape[-1] ** -0.5
+    if _fused(q):
+        o, lse = _FlashCPU.apply(q, k, v, scale)
+        return o, lse.to(_acc(q))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True), causal_lse(q, k, scale)
+
+
 def ttt_attention(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor,
                   diag_k: list[torch.Tensor], diag_v: list[torch.Tensor]) -> torch.Tensor:
     """q [B,H,T,d]; k0/v0 the step-0 keys/values; diag_k/v those of steps 1..k (all [B,H,T,d], heads
     already expanded). Returns the attention output [B,H,T,d] in q's dtype."""
-    o0 = F.scaled_dot_product_attention(q, k0, v0, is_causal=True)
     if not diag_k:
-        return o0
+        return F.scaled_dot_product_attention(q, k0, v0, is_causal=True)
     scale = q.shape[-1] ** -0.5
     acc = _acc(q)
-    lse0 = causal_lse(q, k0, scale)                                                 # [B,H,T]
+    o0, lse0 = causal_attention(q, k0, v0)                                          # [B,H,T,d], [B,H,T]
     sd = torch.stack([(q.to(acc) * kj.to(acc)).sum(-1) for kj in diag_k], dim=-1) * scale  # [B,H,T,k]
     lse = torch.logsumexp(torch.cat((lse0[..., None], sd), dim=-1), dim=-1, keepdim=True)
     o = torch.exp(lse0[..., None] - lse) * o0.to(acc)

@@ -29,15 +29,13 @@ QUICK = [
     ("quality.py --quick --dry-run --run-dir {tmp}/quality", ()),  # issue 21 owns quality.py
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
     ("nonfinite_cost.py --quick", ()),
-    # PLACEHOLDER (issue 21 owns bench_train_step.py): fill in its quick-mode flags when it has them.
-    ("bench_train_step.py --quick", (pytest.mark.xfail(strict=True, reason="bench_train_step.py has no quick mode "
-                                                                          "yet (issue 21)"),)),
 ]
-# Not here: gpu_check.py (its own test below), plan_vs_measured.py (tests/test_plan.py),
-# objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`) and
-# extract_memory.py (issue 19: its own test).
-OWN_TESTS = {"gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py"}
-HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py", "objectives_peer.py"}
+# Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
+# objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
+# (issue 19) and bench_train_step.py (tests/test_bench_train_step.py).
+OWN_TESTS = {"gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py", "bench_train_step.py"}
+HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py", "objectives_peer.py", "specforge_step_worker.py",
+           "quality_report.py"}
 
 
 def run_script(cmd: str, tmp: Path, timeout: int = 900, **env_extra) -> subprocess.CompletedProcess:
