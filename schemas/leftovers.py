@@ -77,7 +77,7 @@ def _newest_mtime(p: Path) -> float:
 def _flock_free(path: Path) -> Optional[bool]:
     """True: nobody holds the flock on `path`; False: somebody does; None: cannot tell."""
     try:
-        fd = _open(path, os.O_RDONLY)
+        fd = _open(path, os.O_RDWR)  # NFS emulates flock with POSIX locks: an exclusive one needs write access
     except OSError:
         return None
     try:
@@ -106,16 +106,16 @@ def judge_owner(root: Path, owner: Optional[Owner], where: Path) -> tuple[str, s
         if lease_expired_by_clock(rec, lease_seconds()):
             return "dead", f"its owner's lease expired ({describe(rec)})"
         return "alive", f"its owner's lease is live ({describe(rec)})"
-    if lock.path.exists():
-        free = _flock_free(lock.path)
-        if free:
-            return "dead", "its owner's lock is free (the process is gone)"
-        if free is False:
-            return "alive", "its owner holds its lock"
     age = time.time() - _newest_mtime(where)
+    free = _flock_free(lock.path) if lock.path.exists() else None
+    if free is False:
+        return "alive", "its owner holds its lock"
+    # A free flock from another host is believed only for a directory untouched for a lease:
+    # where flock is granted per node only (Lustre localflock), every remote lock looks free.
+    said = "its owner's lock is free" if free else "its owner holds no lock"
     if age > grace:
-        return "dead", f"its owner holds no lock and nothing in it changed for {age:.0f}s"
-    return "alive", f"written {age:.0f}s ago by a process that holds no lock (an older version?)"
+        return "dead", f"{said} and nothing in it changed for {age:.0f}s"
+    return "alive", f"{said} but it was written {age:.0f}s ago (reclaimed once untouched for {grace:.0f}s)"
 
 
 def find_leftovers(root: str | Path, k: Optional[int] = None, *, sizes: bool = True) -> list[Leftover]:

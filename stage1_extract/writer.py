@@ -12,7 +12,8 @@ atomic rename.
 Host memory of the writer, whatever the shard's size (DESIGN.md section 8), in rows of
 features (row bytes = 3H*2 + K*6, +6 with fp8 scales; ~25 KB for MiniCPM4-8B):
   queued batches   <= writer_queue * max_tokens_per_batch
-  reorder buffer   <= window_tokens  (rows of the current window, until earlier samples arrive)
+  reorder buffer   <= window_tokens  (rows of the current window, until earlier samples arrive;
+                      a sample longer than window_tokens is a window of its own)
   chunks           <= (threads + 2) * chunk_rows per row array
 plus the shard's token ids and loss mask (5 bytes a token) and its token counts (8 bytes
 a vocabulary entry). `peak_held_rows` reports the largest reorder buffer seen.

@@ -189,15 +189,17 @@ def test_temporary_shards_of_gone_workers_on_other_hosts_are_reclaimed_and_live_
                                str(locks / f"owner-{OTHER}-13-1")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        flock_held = _temp_shard(cache, 2, f"{OTHER}-13-1")
+        flock_held = _temp_shard(cache, 2, f"{OTHER}-13-1", age=3600)
+        free_but_fresh = _temp_shard(cache, 5, f"{OTHER}-16-1")
+        (locks / f"owner-{OTHER}-16-1").write_text("")  # a flock nobody holds (from here), dir just written
         no_lock_old = _temp_shard(cache, 3, f"{OTHER}-14-1", age=3600)
         no_lock_new = _temp_shard(cache, 4, f"{OTHER}-15-1")
         states = {lo.path.name: (lo.state, lo.bytes) for lo in find_leftovers(cache)}
         assert states == {live_lease.name: ("alive", 3000), dead_lease.name: ("dead", 3000),
                           flock_held.name: ("alive", 3000), no_lock_old.name: ("dead", 3000),
-                          no_lock_new.name: ("alive", 3000)}
+                          no_lock_new.name: ("alive", 3000), free_but_fresh.name: ("alive", 3000)}
         assert sorted(p.name for p in reclaim(cache)) == sorted([dead_lease.name, no_lock_old.name])
-        assert live_lease.is_dir() and flock_held.is_dir() and no_lock_new.is_dir()
+        assert live_lease.is_dir() and flock_held.is_dir() and no_lock_new.is_dir() and free_but_fresh.is_dir()
         assert not (locks / f"owner-{OTHER}-12-1.lease").exists()
     finally:
         holder.kill()
