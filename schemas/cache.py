@@ -488,6 +488,12 @@ class CacheReader:
 # --------------------------------------------------------------------------- verification
 
 
+def _inner_rows(array_dir: Path) -> int:
+    """Rows per inner chunk of a sharded array (from its zarr.json)."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    return max(1, int(meta["codecs"][0]["configuration"]["chunk_shape"][0]))
+
+
 def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, topk: Optional[int] = None,
                  vocab_size: Optional[int] = None, hidden_dtype: str = "bfloat16") -> list[str]:
     """Re-read every array of a committed shard; return its problems ('array: what'), [] when sound.
@@ -528,11 +534,13 @@ def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, t
         # stream in row blocks: a shard of a large target holds tens of GB of hidden states
         h = hashlib.sha256()
         h.update(str(np.dtype(arr.dtype)).encode() + str(tuple(arr.shape)).encode())
-        block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
+        by_chunk = info.get("checksum_kind") is not None  # the sha256 of each inner chunk (cache_write)
+        block = _inner_rows(p / name) if by_chunk else \
+            max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
         try:
             for s in range(0, arr.shape[0], block):
                 a = np.ascontiguousarray(arr[s:s + block])
-                h.update(a.data)
+                h.update(hashlib.sha256(a.data).digest() if by_chunk else a.data)
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails in the codec
             problems.append(f"{name}: cannot decode ({type(e).__name__}: {e})")
             continue

@@ -3,17 +3,21 @@
 The file layout is exactly zarr's (`sharding_indexed`, index at the end with its
 crc32c, one file per array): zarr itself reads what this writes (tested). Doing the
 encoding here rather than through zarr gives three things zarr's writer does not:
-* rows are written as they arrive (`ArrayStream`): an inner chunk is compressed and
-  appended to the array's file as soon as it is full, so a shard is never held in
-  memory (DESIGN.md section 8); the index is written when the array is complete;
+* rows are written as they arrive, in any order (`ArrayStream`): an inner chunk is
+  compressed and appended to the array's file as soon as all its rows are there, so a
+  shard is never held in memory (DESIGN.md section 8); the index, written when the array
+  is complete, says where each chunk is;
 * every inner chunk is compressed and crc32c-checksummed in parallel threads
   (numcodecs releases the GIL), so one shard uses `extract.writer_threads` cores;
 * every inner chunk is written, an all-zero one included, so that a chunk missing from
   the index always means damage (zarr skips chunks equal to fill_value by default).
 
-Memory of one `ArrayStream`: the chunk being filled plus at most `threads + 1` chunks
+Memory of one `ArrayStream`: the chunks partly filled plus at most `threads + 1` chunks
 being compressed (whole chunks are compressed straight from the caller's rows, which
-it must not change afterwards).
+it must not change afterwards). shard.json's checksum of each array is the sha256 of
+its inner chunks' sha256 in row order (`chunked_checksum`; `checksum_kind`), computed
+per chunk as it is compressed; shards written before that hold the sha256 of the
+whole array (`schemas.cache.array_checksum`), and `verify_shard` checks either.
 
 `ShardStream` writes a whole shard that way: a temporary directory named after its
 owner, the row arrays streamed, then the small arrays, shard.json (last) and the atomic
@@ -38,14 +42,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eagle3-compress")
     return _POOLS[threads]
-
-
-def hash_pool() -> ThreadPoolExecutor:
-    """One thread for the whole-array sha256 of shard.json, next to the compression threads
-    (one thread: the updates of an array run in the order they were submitted)."""
-    if -1 not in _POOLS:
-        _POOLS[-1] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-sha256")
-    return _POOLS[-1]
 
 
 def _codec(compressor: str, itemsize: int) -> tuple[Optional[object], list[dict]]:
@@ -109,12 +105,31 @@ class _Done:
         return True
 
 
-class ArrayStream:
-    """One array (rows on axis 0) written inner chunk by inner chunk as `append` hands rows over.
+CHECKSUM_KIND = "sha256 of chunks"  # shard.json `checksum_kind` of shards written by ArrayStream
 
-    `close()` checks that every row came, pads the last inner chunk (zarr stores it full
-    size, padded with fill_value), writes the index + its crc32c and returns (bytes
-    written, sha256 of the array as `schemas.cache.array_checksum` computes it).
+
+def _encode_and_digest(chunk: np.ndarray, codec, real_rows: int) -> tuple[bytes, bytes]:
+    return encode_chunk(chunk, codec), hashlib.sha256(np.ascontiguousarray(chunk[:real_rows]).data).digest()
+
+
+def chunked_checksum(a: np.ndarray, chunk_rows: int) -> str:
+    """sha256 over the array's dtype, shape and the sha256 of each inner chunk's rows, in row order:
+    what shard.json records for each array of a shard written chunk by chunk."""
+    h = hashlib.sha256(str(a.dtype).encode() + str(tuple(a.shape)).encode())
+    for s in range(0, a.shape[0], max(1, chunk_rows)):
+        h.update(hashlib.sha256(np.ascontiguousarray(a[s:s + chunk_rows]).data).digest())
+    return h.hexdigest()
+
+
+class ArrayStream:
+    """One array (rows on axis 0) written inner chunk by inner chunk as its rows arrive, in any order.
+
+    `put(start, rows)` hands rows over; an inner chunk is compressed and appended to the
+    file as soon as all its rows are there (whole chunks straight from `rows`, which the
+    caller must not change afterwards; the others through a chunk buffer). The index maps
+    each chunk to its place in the file, so the order of arrival does not matter to any
+    reader. `close()` checks that every row came, writes the index + its crc32c and
+    returns (bytes written, `chunked_checksum` of the array).
     """
 
     def __init__(self, path: Path, shape: tuple, dtype, *, chunk_rows: int, compressor: str, attributes: dict,
@@ -136,91 +151,98 @@ class ArrayStream:
             f = self.path.joinpath("c", *(["0"] * len(self.shape)))
             f.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(f, "wb")
-        self.received = 0
-        self._part: Optional[np.ndarray] = None  # the inner chunk being filled (a copy)
-        self._fill = 0
-        self._pending: deque = deque()  # encoded chunks in file order (Futures)
-        self._index = np.empty((self.n, 2), dtype="<u8")
-        self._written = 0
+        self.cursor = 0  # where `append` puts rows
+        self.held_rows = 0  # rows copied into chunks still waiting for other rows
+        self._parts: dict[int, list] = {}  # chunk -> [buffer, rows filled]
+        self._submitted = np.zeros(self.n, dtype=bool)
+        self._pending: deque = deque()  # (chunk, Future of (compressed bytes, sha256)) in file order
+        self._index = np.full((self.n, 2), (1 << 64) - 1, dtype="<u8")
+        self._digests: list[Optional[bytes]] = [None] * self.n
         self._offset = 0
-        self._sha = hashlib.sha256(str(self.dtype).encode() + str(self.shape).encode())
-        self._hashing: deque = deque()
+
+    def _chunk_len(self, c: int) -> int:
+        return min(self.chunk_rows, self.rows_total - c * self.chunk_rows)
 
     def append(self, rows: np.ndarray) -> None:
+        """Rows right after the last ones appended."""
+        self.put(self.cursor, rows)
+        self.cursor += np.asarray(rows).shape[0]
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        """Rows start..start+len(rows)."""
         rows = np.asarray(rows)
         m = rows.shape[0]
         if rows.dtype != self.dtype or rows.shape[1:] != self.row_shape:
             raise ValueError(f"{self.path}: rows of {rows.dtype}{list(rows.shape[1:])}, the array stores "
                              f"{self.dtype}{list(self.row_shape)}")
-        if self.received + m > self.rows_total:
-            raise ValueError(f"{self.path}: {self.received + m} rows handed over, the array has {self.rows_total}")
+        if start < 0 or start + m > self.rows_total:
+            raise ValueError(f"{self.path}: rows {start}..{start + m} handed over, the array has {self.rows_total}")
         C, i = self.chunk_rows, 0
         while i < m:
-            if self._part is None and m - i >= C:  # a whole inner chunk: compressed from the caller's rows
-                self._submit(rows[i:i + C])
-                i += C
-                continue
-            if self._part is None:
-                self._part, self._fill = np.empty((C, *self.row_shape), dtype=self.dtype), 0
-            take = min(C - self._fill, m - i)
-            self._part[self._fill:self._fill + take] = rows[i:i + take]
-            self._fill += take
+            r = start + i
+            c = r // C
+            clen = self._chunk_len(c)
+            take = min(c * C + clen - r, m - i)
+            if self._submitted[c]:
+                raise ValueError(f"{self.path}: rows {r}..{r + take} handed over twice (chunk {c} is written)")
+            if take == C:  # a whole inner chunk: compressed from the caller's rows, no copy
+                self._submit(c, rows[i:i + take], take)
+            else:
+                part = self._parts.get(c)
+                if part is None:
+                    part = self._parts[c] = [np.empty((C, *self.row_shape), dtype=self.dtype), 0]
+                part[0][r - c * C:r - c * C + take] = rows[i:i + take]
+                part[1] += take
+                self.held_rows += take
+                if part[1] == clen:
+                    del self._parts[c]
+                    self.held_rows -= clen
+                    part[0][clen:] = 0  # zarr stores the last inner chunk full size, padded with fill_value
+                    self._submit(c, part[0], clen)
             i += take
-            if self._fill == C:
-                part, self._part = self._part, None
-                self._submit(part)
-        self.received += m
 
-    def _submit(self, chunk: np.ndarray, real_rows: Optional[int] = None) -> None:
+    def _submit(self, c: int, chunk: np.ndarray, real_rows: int) -> None:
+        self._submitted[c] = True
         chunk = np.ascontiguousarray(chunk)
-        self._hashing.append(hash_pool().submit(self._sha.update, chunk[:real_rows] if real_rows else chunk))
         if self.threads > 1:
-            self._pending.append(_pool(self.threads).submit(encode_chunk, chunk, self.codec))
+            fut = _pool(self.threads).submit(_encode_and_digest, chunk, self.codec, real_rows)
         else:
-            self._pending.append(_Done(encode_chunk(chunk, self.codec)))
-        while self._pending and (len(self._pending) > self.threads + 1 or self._pending[0].done()):
+            fut = _Done(_encode_and_digest(chunk, self.codec, real_rows))
+        self._pending.append((c, fut))
+        while self._pending and (len(self._pending) > self.threads + 1 or self._pending[0][1].done()):
             self._write_next()
-        while len(self._hashing) > 2 * self.threads + 2:
-            self._hashing.popleft().result()
 
     def _write_next(self) -> None:
-        blob = self._pending.popleft().result()
+        c, fut = self._pending.popleft()
+        blob, digest = fut.result()
         self.file.write(blob)
-        self._index[self._written] = (self._offset, len(blob))
-        self._written += 1
+        self._index[c] = (self._offset, len(blob))
+        self._digests[c] = digest
         self._offset += len(blob)
 
     def close(self) -> tuple[int, str]:
-        if self.received != self.rows_total:
-            raise ValueError(f"{self.path}: {self.received} rows handed over, the array has {self.rows_total}")
-        if self._part is not None:
-            self._part[self._fill:] = 0
-            part, fill, self._part = self._part, self._fill, None
-            self._submit(part, real_rows=fill)
+        missing = np.flatnonzero(~self._submitted)
+        if missing.size:
+            c = int(missing[0])
+            raise ValueError(f"{self.path}: rows of {missing.size} inner chunks were never handed over (first: "
+                             f"chunk {c}, rows {c * self.chunk_rows}..{c * self.chunk_rows + self._chunk_len(c)})")
         while self._pending:
             self._write_next()
-        for h in self._hashing:
-            h.result()
-        self._hashing.clear()
+        h = hashlib.sha256(str(self.dtype).encode() + str(self.shape).encode() + b"".join(self._digests))
         if self.file is None:
-            return 0, self._sha.hexdigest()
+            return 0, h.hexdigest()
         ib = self._index.tobytes()
         self.file.write(ib + _crc(ib))
         self.file.close()
         self.file = None
-        return self._offset + len(ib) + 4, self._sha.hexdigest()
+        return self._offset + len(ib) + 4, h.hexdigest()
 
     def abort(self) -> None:
-        for f in list(self._pending) + list(self._hashing):
+        for _, f in self._pending:
             if isinstance(f, Future):
                 f.cancel()
-        for h in self._hashing:
-            try:
-                h.result()
-            except Exception:  # noqa: BLE001 - cancelled or failed: the array is being thrown away
-                pass
         self._pending.clear()
-        self._hashing.clear()
+        self._parts.clear()
         if self.file is not None:
             f, self.file = self.file, None
             try:
@@ -288,6 +310,14 @@ class ShardStream:
     def append(self, name: str, rows: np.ndarray) -> None:
         self.streams[name].append(rows)
 
+    def put(self, name: str, start: int, rows: np.ndarray) -> None:
+        self.streams[name].put(start, rows)
+
+    @property
+    def held_rows(self) -> int:
+        """Rows of the hidden states waiting in partly filled chunks."""
+        return self.streams["hidden"].held_rows
+
     def finish(self, offsets: np.ndarray, sample_index: np.ndarray, token_counts: np.ndarray, *,
                loss_tokens: int, extra: Optional[dict] = None) -> dict:
         from schemas import cache
@@ -300,9 +330,13 @@ class ShardStream:
             a = np.ascontiguousarray(a)
             if a.dtype != np.dtype(stored):
                 raise cache.CacheError(f"write_shard: '{name}' has dtype {a.dtype}, the layout stores {stored}")
-            write_array(self.tmp / name, a, chunk_rows=max(1, a.shape[0]), compressor=self.compressor,
-                        attributes={"logical_dtype": logical})
-            checksums[name] = cache.array_checksum(a)
+            s = ArrayStream(self.tmp / name, a.shape, a.dtype, chunk_rows=max(1, a.shape[0]),
+                            compressor=self.compressor, attributes={"logical_dtype": logical})
+            try:
+                s.append(a)
+                checksums[name] = s.close()[1]
+            finally:
+                s.abort()
             self.raw_bytes += a.nbytes
         info = {
             "schema": cache.SHARD_SCHEMA_ID,
@@ -314,6 +348,7 @@ class ShardStream:
             "compressor": self.compressor,
             "chunk_rows": self.chunk_rows,
             "checksums": {n: checksums[n] for n in self.names},
+            "checksum_kind": CHECKSUM_KIND,
             "chunk_checksums": "crc32c",
             **({"hidden_dtype": "float8_e4m3fn"} if self.fp8 else {}),
             **(extra or {}),

@@ -116,8 +116,8 @@ class ExtractConfig(_Section):
     max_tokens_per_batch: int = Field(16384, gt=0)
     window_tokens: Optional[int] = Field(
         None, gt=0, description="batches are length-sorted inside windows of consecutive samples of this many "
-                                "tokens; the writer holds at most one window of features (default: 4 x "
-                                "max_tokens_per_batch)")
+                                "tokens: larger pads less, and bounds the features the writer holds (default: "
+                                "16 x max_tokens_per_batch)")
     logits_chunk_tokens: int = Field(2048, gt=0, description="positions per chunk of the full-vocab softmax")
     compressor: Literal["none", "zstd", "blosc-zstd", "lz4"] = "zstd"
     chunk_rows: Union[Literal["auto"], int] = Field(

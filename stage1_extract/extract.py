@@ -1,14 +1,16 @@
 """Stage 1: run the target once over the data and write the feature cache (DESIGN.md section 4).
 
-Per shard (samples [k*S, (k+1)*S) of the ordered sample list; worker r of W takes
-k mod W == r): samples are sorted by length and packed into token-budget batches,
-the target runs once per batch (no grad; forward hooks keep only the three hidden
+Per shard (consecutive samples of the ordered sample list, at most
+`extract.shard_tokens` tokens and `extract.samples_per_shard` samples: `shard_starts`;
+worker r of W takes k mod W == r): inside windows of `extract.window_tokens` tokens,
+samples are sorted by length and packed into token-budget batches, the target runs
+once per batch (no grad; forward hooks keep only the three hidden
 states of `extract.layers`, see stage1_extract.capture), and on the device
 we keep those three layers and the top-K log-probabilities of
 the full-vocab softmax of the target's logits, computed in chunks of
 `extract.logits_chunk_tokens` positions. Padding is dropped before anything leaves
-the device. The writer thread (stage1_extract.writer) assembles, compresses and
-commits shards while the next batches run.
+the device. The writer thread (stage1_extract.writer) streams the rows into the
+shard's files, chunk by chunk, while the next batches run, and commits the shard.
 
 Logits. Materialising [B, T, V] logits (73k vocab x 16k tokens = 4.8 GB in fp32,
 plus the same again for log_softmax) is what makes naive extraction run out of
@@ -106,9 +108,10 @@ def shard_starts(lengths: Sequence[int], samples_per_shard: int, shard_tokens: O
 
 def shard_batches(lengths: Sequence[int], max_tokens: int, window_tokens: int) -> list[list[int]]:
     """A shard's batches: windows of consecutive samples of at most `window_tokens` tokens, each
-    packed by `make_batches` (longest first). The writer holds a window's rows until its earlier
-    samples arrive, so window_tokens bounds that buffer; a window covering the shard gives
-    exactly `make_batches` over the shard."""
+    packed by `make_batches` (longest first); a window covering the shard gives exactly
+    `make_batches` over the shard. The writer holds the rows of a chunk until all its samples
+    are computed, so a window bounds what it holds; a larger one pads less (samples of similar
+    length share a batch)."""
     bounds = split_by_tokens(lengths, window_tokens)
     out: list[list[int]] = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -129,9 +132,12 @@ def auto_chunk_rows(lengths: Sequence[int]) -> int:
     return int(min(CHUNK_ROWS_MAX, max(CHUNK_ROWS_MIN, rows)))
 
 
+WINDOW_BATCHES = 16  # default window: padding ~3% (1-4k tokens) to ~9% (chat lengths) of the forward
+
+
 def window_tokens(cfg: RunConfig) -> int:
-    """extract.window_tokens; default 4 x max_tokens_per_batch."""
-    return int(cfg.extract.window_tokens or 4 * cfg.extract.max_tokens_per_batch)
+    """extract.window_tokens; default 16 x max_tokens_per_batch."""
+    return int(cfg.extract.window_tokens or WINDOW_BATCHES * cfg.extract.max_tokens_per_batch)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int):
@@ -584,7 +590,7 @@ class ExtractReport:
     capture: str = "hooks"  # hooks (only extract.layers kept) or hidden_states (the full tuple, fallback)
     chunk_rows: int = 0  # rows per inner chunk of this cache
     window_tokens: int = 0  # batches are length-sorted inside windows of this many tokens
-    peak_held_rows: int = 0  # the writer's largest reorder buffer (rows; <= window_tokens)
+    peak_held_rows: int = 0  # most rows the writer held in partly filled chunks (< window_tokens + chunk_rows)
 
 
 def worker_target_config(tcfg, w: Worker, cuda=None):
@@ -775,7 +781,8 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     if progress if summary is None else summary:
         print(f"extract {which} worker {w}: {rep.shards_written} shards written, {rep.shards_skipped} already "
               f"committed (of {len(mine)} mine, {n_shards} total); {n_samples} samples, {n_tokens} tokens in "
-              f"{wall:.1f}s ({n_tokens / max(wall, 1e-9):,.0f} tok/s); waited on the writer {writer.wait_s:.1f}s; "
+              f"{wall:.1f}s ({n_tokens / max(wall, 1e-9):,.0f} tok/s); waited on the writer {writer.wait_s:.1f}s, "
+              f"which held at most {writer.peak_held_rows:,} rows in partly filled chunks; "
               f"{'manifest written' if manifest else 'manifest left to the last worker'} -> {root}",
               file=sys.stderr, flush=True)
     return root

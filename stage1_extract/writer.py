@@ -1,22 +1,22 @@
 """Background shard writer: rows go to the shard's files as they arrive, off the compute path.
 
 The compute loop hands over trimmed per-batch results (`put_batch`) through a bounded
-queue (`extract.writer_queue` batches). The writer thread keeps each batch's rows until
-every earlier sample of the shard has arrived (a reorder buffer: batches are
-length-sorted inside a window of consecutive samples, see stage1_extract.extract), then
-streams them in sample order into the shard's arrays (schemas.cache_write.ShardStream):
-each inner chunk is compressed (by `threads` threads) and appended to its array's file
-as soon as it is full. At the end of the shard come the small arrays, shard.json and the
-atomic rename.
+queue (`extract.writer_queue` batches). The writer thread puts each sample's rows at
+their place in the shard's arrays (schemas.cache_write.ShardStream): an inner chunk is
+compressed (by `threads` threads) and appended to its array's file as soon as all its
+rows are there, whatever order the batches come in (they are length-sorted inside
+windows of consecutive samples, see stage1_extract.extract). At the end of the shard
+come the small arrays, shard.json and the atomic rename.
 
 Host memory of the writer, whatever the shard's size (DESIGN.md section 8), in rows of
 features (row bytes = 3H*2 + K*6, +6 with fp8 scales; ~25 KB for MiniCPM4-8B):
-  queued batches   <= writer_queue * max_tokens_per_batch
-  reorder buffer   <= window_tokens  (rows of the current window, until earlier samples arrive;
-                      a sample longer than window_tokens is a window of its own)
-  chunks           <= (threads + 2) * chunk_rows per row array
+  queued batches      <= writer_queue * max_tokens_per_batch
+  partly filled chunks < window_tokens + chunk_rows (only chunks whose other rows belong to
+                         samples of the window not yet computed; typically the edges of the
+                         samples done, a few chunk_rows each: `peak_held_rows` reports it)
+  chunks compressing  <= (threads + 1) * chunk_rows per row array
 plus the shard's token ids and loss mask (5 bytes a token) and its token counts (8 bytes
-a vocabulary entry). `peak_held_rows` reports the largest reorder buffer seen.
+a vocabulary entry).
 """
 from __future__ import annotations
 
@@ -76,13 +76,11 @@ class BatchResult:
 
 
 class _ShardFill:
-    """One shard's rows arriving batch by batch in any order, streamed in sample order."""
+    """One shard's rows arriving batch by batch, in any order, each sample put at its rows."""
 
     def __init__(self, plan: ShardPlan, stream, vocab_size: int, fp8: bool):
         self.plan, self.stream, self.fp8, self.vocab_size = plan, stream, fp8, vocab_size
-        self.waiting: dict[int, tuple] = {}  # shard-local sample -> its rows (views of a batch's arrays)
-        self.next = 0  # the first sample not yet streamed
-        self.held_rows = 0
+        self.filled = np.zeros(len(plan.sample_index), dtype=bool)
         self.peak_held_rows = 0
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.loss_tokens = 0
@@ -99,47 +97,41 @@ class _ShardFill:
         else:
             hid, scale = bf16_to_bits(b.hidden), None
         ids, lps = b.topk_ids.numpy(), b.topk_logprobs.numpy()
-        o, row, k = self.plan.offsets, 0, self.plan.shard
+        p, o, row, k = self.plan, self.plan.offsets, 0, self.plan.shard
+        n_rows = sum(int(o[j + 1] - o[j]) for j in b.local)
+        if n_rows != hid.shape[0]:
+            raise WriterError(f"shard {k}: batch has {hid.shape[0]} rows, its samples {n_rows}")
         for j in b.local:
-            if j < self.next or j in self.waiting:
+            if self.filled[j]:
                 raise WriterError(f"shard {k}: sample {j} was handed over twice")
-            n = int(o[j + 1] - o[j])
-            self.waiting[j] = (hid[row:row + n], None if scale is None else scale[row:row + n],
-                               ids[row:row + n], lps[row:row + n])
-            row += n
-        if row != hid.shape[0]:
-            raise WriterError(f"shard {k}: batch has {hid.shape[0]} rows, its samples {row}")
-        self.held_rows += row
-        self.peak_held_rows = max(self.peak_held_rows, self.held_rows)
-        self._drain()
-
-    def _drain(self) -> None:
-        """Stream every sample whose predecessors have all been streamed."""
-        p, s = self.plan, self.stream
-        while self.next in self.waiting:
-            j = self.next
-            hid, scale, ids, lps = self.waiting.pop(j)
-            tokens = np.asarray(p.input_ids[j], dtype=np.int32)
-            mask = np.asarray(p.loss_mask[j], dtype=np.uint8)
-            masked = tokens[mask.astype(bool)]
-            if masked.size and int(masked.max()) >= self.vocab_size:
-                raise WriterError(f"shard {p.shard}: token id {int(masked.max())} >= vocab size {self.vocab_size}")
-            self.counts += np.bincount(masked, minlength=self.vocab_size)
-            self.loss_tokens += int(masked.size)
-            s.append("input_ids", tokens)
-            s.append("loss_mask", mask)
-            s.append("hidden", hid)
+            a, n = int(o[j]), int(o[j + 1] - o[j])
+            self._count(j)
+            s = self.stream
+            s.put("input_ids", a, np.asarray(p.input_ids[j], dtype=np.int32))
+            s.put("loss_mask", a, np.asarray(p.loss_mask[j], dtype=np.uint8))
+            s.put("hidden", a, hid[row:row + n])
             if self.fp8:
-                s.append("hidden_scale", scale)
-            s.append("topk_ids", ids)
-            s.append("topk_logprobs", lps)
-            self.held_rows -= len(tokens)
-            self.next += 1
+                s.put("hidden_scale", a, scale[row:row + n])
+            s.put("topk_ids", a, ids[row:row + n])
+            s.put("topk_logprobs", a, lps[row:row + n])
+            self.filled[j] = True
+            row += n
+        self.peak_held_rows = max(self.peak_held_rows, self.stream.held_rows)
+
+    def _count(self, j: int) -> None:
+        """Loss-masked token counts (token_counts) and the vocabulary check of sample j."""
+        p = self.plan
+        tokens = np.asarray(p.input_ids[j])
+        masked = tokens[np.asarray(p.loss_mask[j]).astype(bool)]
+        if masked.size and int(masked.max()) >= self.vocab_size:
+            raise WriterError(f"shard {p.shard}: token id {int(masked.max())} >= vocab size {self.vocab_size}")
+        self.counts += np.bincount(masked, minlength=self.vocab_size)
+        self.loss_tokens += int(masked.size)
 
     def finish(self, extra: dict) -> dict:
         p = self.plan
-        if self.next != len(p.sample_index):
-            missing = [j for j in range(self.next, len(p.sample_index)) if j not in self.waiting][:5]
+        if not self.filled.all():
+            missing = np.flatnonzero(~self.filled)[:5].tolist()
             raise WriterError(f"shard {p.shard}: samples {missing} were never filled")
         return self.stream.finish(p.offsets, p.sample_index.astype(np.int64), self.counts,
                                   loss_tokens=self.loss_tokens, extra=extra)

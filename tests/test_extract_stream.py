@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.cache import SHARD_JSON, CacheError, CacheReader, array_checksum, committed_shards
+from schemas.cache import SHARD_JSON, CacheError, CacheReader, committed_shards
+from schemas.cache_write import chunked_checksum
 from schemas.config import load_config
 from stage1_extract.extract import (auto_chunk_rows, make_batches, run_extract, shard_batches, shard_starts,
                                     split_by_tokens)
@@ -56,11 +57,32 @@ def test_an_array_streamed_in_pieces_is_the_array_written_whole(tmp_path):
     nbytes, sha = s.close()
     f = Path("c") / "0" / "0" / "0"
     assert (tmp_path / "pieces" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes()
-    assert nbytes == (tmp_path / "pieces" / f).stat().st_size and sha == array_checksum(a)
+    assert nbytes == (tmp_path / "pieces" / f).stat().st_size and sha == chunked_checksum(a, 64)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "pieces"), mode="r")[...], a)
+    # rows in any order: each chunk goes when complete; zarr and our reader see the same array
+    s3 = ArrayStream(tmp_path / "shuffled", a.shape, a.dtype, chunk_rows=64, compressor="zstd", attributes={},
+                     threads=2)
+    blocks = [(x, y) for x, y in zip(range(0, 1000, 37), list(range(37, 1000, 37)) + [1000])]
+    held = []
+    for j in np.random.default_rng(2).permutation(len(blocks)):
+        x, y = blocks[j]
+        s3.put(x, a[x:y])
+        held.append(s3.held_rows)
+    assert s3.close()[1] == sha and max(held) < 1000 // 2 and held[-1] == 0
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "shuffled"), mode="r")[...], a)
+    from schemas.cache_read import ChunkedArray
+
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shuffled").rename(tmp_path / "shard" / "hidden")
+    np.testing.assert_array_equal(ChunkedArray(tmp_path / "shard", "hidden").rows(0, 1000), a)
+    with pytest.raises(ValueError, match=r"handed over twice"):
+        s4 = ArrayStream(tmp_path / "twice", a.shape, a.dtype, chunk_rows=64, compressor="zstd", attributes={})
+        s4.put(0, a[:64])
+        s4.put(10, a[10:20])
     s2 = ArrayStream(tmp_path / "short", a.shape, a.dtype, chunk_rows=64, compressor="zstd", attributes={})
     s2.append(a[:10])
-    with pytest.raises(ValueError, match=r"10 rows handed over, the array has 1000"):
+    with pytest.raises(ValueError, match=r"rows of 16 inner chunks were never handed over \(first: chunk 0, "
+                                         r"rows 0..64\)"):
         s2.close()
     s2.abort()
 
@@ -90,12 +112,13 @@ def test_the_writer_holds_at_most_a_window_of_rows(varied, one_thread):
     a = run_extract(_cfg(varied, tmp / "w256", window_tokens=256), progress=False, report=small)
     b = run_extract(_cfg(varied, tmp / "wall", window_tokens=1 << 20), progress=False, report=whole)
     r = CacheReader(a)
-    T = int(r.lengths().sum())
-    assert r.shard_ids == [0] and T > 4 * 256  # one shard, four windows and more
-    # longest first over the whole shard: nearly everything waits for the first samples
-    assert whole["peak_held_rows"] > T // 2
-    # a window holds at most 256 tokens of samples, or one longer sample
-    assert 0 < small["peak_held_rows"] <= max(256, int(r.lengths().max())) < whole["peak_held_rows"]
+    T, C = int(r.lengths().sum()), small["chunk_rows"]
+    assert r.shard_ids == [0] and T > 4 * 256 and C < 256  # one shard, four windows and more
+    # only the chunks waiting for rows of samples not computed yet are held: with one window over
+    # the whole shard (longest first) that is still far from the shard
+    assert 0 < whole["peak_held_rows"] < T // 2
+    # at most a window (256 tokens, or one longer sample) and the chunk it shares with the one before
+    assert 0 < small["peak_held_rows"] < max(256, int(r.lengths().max())) + C
     assert small["window_tokens"] == 256
     ra, rb = r.shards[0], CacheReader(b).shards[0]
     for name in ("input_ids", "loss_mask", "offsets", "sample_index", "token_counts"):
