@@ -3,14 +3,14 @@
   python bench/extract_memory.py [--before DIR] [--quick] [--json OUT]
 
 A random target shaped like MiniCPM4-8B where host memory is concerned: hidden size 4096
-(a row of features is 3 x 4096 bf16 + top-64 ids and log-probs = 24.96 KB, as for
+(a row of features is 3 x 4096 bf16 + top-64 ids and log-probs = 24,960 bytes, as for
 MiniCPM4-8B), but 2 thin decoder layers (4 heads, MLP 256) and a 4,096-token vocabulary
 so that it runs on 2 CPU cores; fp32. 64 samples x 512 tokens (data.max_length 512,
 drop_tail), `max_tokens_per_batch` 4096 (the batches are the same whatever the shard
 size). `python -m pipeline.cli extract` runs in a fresh process once with 8 and once with
 64 samples a shard; its peak RSS is the kernel's (os.wait4 ru_maxrss). The difference is
 what a shard's size costs in host memory: before issue 19 the whole shard's features
-(64 x 512 x 24.96 KB = 0.82 GB), then its compressed chunks, were held.
+(64 x 512 x 24,960 bytes = 0.82 GB), then its compressed chunks, were held.
 
 --before DIR runs the same commands with the code in DIR as well (PYTHONPATH=DIR), e.g.
 main at c96fae6:  mkdir /tmp/e3-c96fae6 && git -C /work/main archive c96fae6 | tar -x -C /tmp/e3-c96fae6

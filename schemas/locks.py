@@ -395,9 +395,7 @@ class DirLock:
         return describe(_record(raw[0] if raw else None))
 
     # ------------------------------------------------------------------ acquire
-    def acquire(self, wait: bool = False, *, watch: bool = True) -> "DirLock":
-        """Take the lock. `watch=False` (reclaiming leftovers): a lease on another host counts as
-        expired by the holder's clock alone, instead of being watched for a whole lease."""
+    def acquire(self, wait: bool = False) -> "DirLock":
         if self.held:
             raise RuntimeError(f"{self.path}: already held by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +410,7 @@ class DirLock:
                                 f"(on every host sharing it) to use lock files with leases")
             _note_once(self.path.parent, f"the file system refuses flock ({refused}); using lock files "
                                          f"with {self.lease_s:.0f}s leases ({LEASE_ENV})")
-        self._acquire_file(wait, deadline, watch)
+        self._acquire_file(wait, deadline)
         return self
 
     def _acquire_flock(self, wait: bool, deadline: float) -> Optional[str]:
@@ -457,7 +455,7 @@ class DirLock:
             return not owner.is_dead()
         return not lease_expired_by_clock(rec, self.lease_s)
 
-    def _acquire_file(self, wait: bool, deadline: float, watch_other_hosts: bool) -> None:
+    def _acquire_file(self, wait: bool, deadline: float) -> None:
         watch, noted = _Watch(), False
         if not wait:  # a lease that looks expired is watched for one lease (and a bit) at most
             deadline = time.monotonic() + 1.5 * self.lease_s
@@ -471,7 +469,7 @@ class DirLock:
             snap = _snapshot(self.lease_path)
             if snap is None:
                 continue  # released meanwhile
-            verdict = self._verdict(snap, watch, wait, watch_other_hosts)
+            verdict = self._verdict(snap, watch, wait)
             if verdict == "stale":
                 self._take_over(snap)
                 continue
@@ -484,14 +482,12 @@ class DirLock:
                       file=sys.stderr, flush=True)
             time.sleep(min(0.5, self.lease_s / 20))
 
-    def _verdict(self, snap, watch: _Watch, wait: bool, watch_other_hosts: bool) -> str:
+    def _verdict(self, snap, watch: _Watch, wait: bool) -> str:
         """stale (take it over), live (give up now) or wait (look again)."""
         rec = _record(snap[0])
         owner = _owner_of(rec)
         if owner is not None and owner.local:
             return "stale" if owner.is_dead() else ("wait" if wait else "live")
-        if not watch_other_hosts:
-            return "stale" if lease_expired_by_clock(rec, self.lease_s) else "live"
         if watch.see(snap) >= self.lease_s:
             return "stale"  # no heartbeat for a whole lease, by this process's own clock
         if not wait and rec is not None and not lease_expired_by_clock(rec, self.lease_s):

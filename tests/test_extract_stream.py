@@ -213,3 +213,23 @@ def test_one_eagle3_run_loads_the_target_once_for_both_splits(varied, monkeypatc
     info = do_extract(cfg, progress=False, log=lambda s: None)
     assert len(calls) == 1
     assert committed_shards(info["cache"]) == [0] and committed_shards(info["eval_cache"]) == [0]
+
+
+def test_shards_with_whole_array_checksums_still_verify_next_to_new_ones(tmp_path):
+    """Shards written before per-chunk checksums record the sha256 of each whole array."""
+    from cachefix import build_cache
+    from pipeline.cmd_shards import verify_cache
+    from schemas.cache import shards_dir, verify_shard
+    from test_chunk_integrity import flip_byte_in_chunk, rewrite_with_old_code
+
+    cache, _ = build_cache(tmp_path / "c", n_samples=12, samples_per_shard=4, topk=4)
+    rewrite_with_old_code(cache, 1)  # the writer of edbc6e1: zarr's, whole-array sha256
+    old = json.loads((shards_dir(cache) / "00001.zarr" / SHARD_JSON).read_text())
+    new = json.loads((shards_dir(cache) / "00000.zarr" / SHARD_JSON).read_text())
+    assert "checksum_kind" not in old and new["checksum_kind"] == "sha256 of chunks"
+    assert verify_cache(cache)["ok"]
+    for k in (0, 1):
+        f = shards_dir(cache) / f"{k:05d}.zarr" / "topk_logprobs" / "c" / "0" / "0"
+        flip_byte_in_chunk(f, 0)
+        problems = verify_shard(shards_dir(cache) / f"{k:05d}.zarr", vocab_size=CacheReader(cache).vocab_size)
+        assert any(p.startswith("topk_logprobs: ") for p in problems), problems

@@ -231,3 +231,12 @@ def test_shards_verify_lists_leftovers_with_their_size(tmp_path):
     rows = json.loads(res.stdout)["leftovers"]
     assert sorted((r["name"], r["bytes"], r["state"]) for r in rows) == \
         sorted([(f".tmp-00001-{OTHER}-77-5.zarr", 5000, "dead"), (mine.name, 2048, "dead")])
+
+
+def test_a_flock_taker_respects_a_live_lease_of_a_host_that_uses_lock_files(tmp_path):
+    p = tmp_path / "cache"
+    _lease(p.with_name("cache.lease"), lease_s=120)  # a host where flock is refused holds it
+    with pytest.raises(LockBusy, match=rf"locked by pid 4242 on {OTHER} .*\[lock file {p}.lease\]"):
+        DirLock(p, "here", mode="flock").acquire()
+    _lease(p.with_name("cache.lease"), beat_at=time.time() - 3600, lease_s=120)  # long gone
+    DirLock(p, "here", mode="flock").acquire().release()
