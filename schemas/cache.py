@@ -535,9 +535,9 @@ def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, t
         h = hashlib.sha256()
         h.update(str(np.dtype(arr.dtype)).encode() + str(tuple(arr.shape)).encode())
         by_chunk = info.get("checksum_kind") is not None  # the sha256 of each inner chunk (cache_write)
-        block = _inner_rows(p / name) if by_chunk else \
-            max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
         try:
+            block = _inner_rows(p / name) if by_chunk else \
+                max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
             for s in range(0, arr.shape[0], block):
                 a = np.ascontiguousarray(arr[s:s + block])
                 h.update(hashlib.sha256(a.data).digest() if by_chunk else a.data)
