@@ -151,6 +151,48 @@ def test_write_target_dir_replaces_only_files_the_cache_recorded(tmp_path, tiny_
     assert (root / "target" / "embed_tokens.safetensors").is_file()
 
 
+def test_gguf_conversion_removes_only_its_own_unfinished_directory(tmp_path, tiny_llama_dir, monkeypatch):
+    """schemas.target's conversion directory was cleared with rmtree: now only files its marker lists go."""
+    import transformers as tf
+
+    from schemas.config import TargetConfig
+    from schemas.target import conversion_dir, converted_dir
+
+    real_model, real_tok = tf.AutoModelForCausalLM.from_pretrained, tf.AutoTokenizer.from_pretrained
+    loads = []  # the GGUF reader replaced by the tiny target: the write path below is the real one
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (loads.append(k.get("gguf_file")), real_model(str(tiny_llama_dir)))[1])
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok(str(tiny_llama_dir)))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cfg = TargetConfig(path=str(gguf), convert_dir=str(tmp_path / "conv"))
+    out = conversion_dir(cfg, gguf)
+    # a directory there that eagle3 did not write: refused before any conversion, untouched
+    out.mkdir(parents=True)
+    (out / "NOTES.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(UnsafeDirError, match=r"the GGUF conversion directory .* holds files eagle3 did not write "
+                                             r"\(NOTES.txt, model.safetensors\); refusing to remove it"):
+        converted_dir(cfg)
+    assert tree(out) == {"NOTES.txt": b"mine", "model.safetensors": b"weights"} and loads == []
+    shutil.rmtree(out)
+    # a conversion of ours: marked, every file listed
+    assert converted_dir(cfg) == out and loads == ["m.gguf"]
+    assert classify(out).kind == "conversion" and (out / ".complete").is_file()
+    assert converted_dir(cfg) == out and loads == ["m.gguf"]  # complete: reused
+    assert not list(out.parent.glob("*.tmp*"))
+    # unfinished (no .complete): ours, so converted again
+    (out / ".complete").unlink()
+    assert converted_dir(cfg) == out and loads == ["m.gguf"] * 2 and (out / ".complete").is_file()
+    # unfinished with a file of someone else's inside: refused, nothing removed
+    (out / ".complete").unlink()
+    (out / "NOTES.txt").write_text("mine")
+    before = tree(out)
+    with pytest.raises(UnsafeDirError, match=r"holds files eagle3 did not write \(NOTES.txt\)"):
+        converted_dir(cfg)
+    assert tree(out) == before and loads == ["m.gguf"] * 2
+
+
 # --------------------------------------------------------------------------- train.output
 
 
