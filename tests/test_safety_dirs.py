@@ -251,6 +251,54 @@ def test_export_force_overwrites_only_an_earlier_export(head_dir, tmp_path):
     assert runner.invoke(app, ["export", str(head_dir), str(out), "--force"]).exit_code == 0
 
 
+# --------------------------------------------------------------------------- eval.output
+
+
+def test_eval_output_is_new_empty_or_an_earlier_eval_output(model_dir, head_dir, tmp_path):
+    """Stage 3 wrote report.* into whatever eval.output named (a model's directory, a cache, anyone's files)."""
+    from schemas.config import load_config
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    cfg = write_cfg(tmp_path, target="/not/loaded", eval__head=[str(head_dir)], eval__prompts=[str(prompts)])
+    cache = tmp_path / "cache"
+    (cache / "shards").mkdir(parents=True)
+    (cache / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1"}))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.md").write_text("mine")
+    for victim, what in ((model_dir, "a model directory"), (cache, "an eagle3 cache"),
+                         (foreign, "a directory eagle3 did not create"), (head_dir, "a trained head")):
+        before = tree(victim)
+        res = runner.invoke(app, ["eval", str(cfg), f"eval.output={victim}"])
+        one_line_error(res, f"eval.output {victim} is {what}", "refusing to write there",
+                       "Set eval.output to a new or empty directory (or an earlier eval output)")
+        assert tree(victim) == before
+    res = runner.invoke(app, ["eval", str(cfg), f"eval.output={prompts}"])
+    one_line_error(res, "p.jsonl is a file")
+
+    from stage3_eval.evaluate import claim_eval_output
+
+    def claim(out):
+        return claim_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head_dir)],
+                                                                                    "output": out}}))
+
+    assert claim(str(tmp_path / "new")) == tmp_path / "new" and classify(tmp_path / "new").kind == "eval"
+    (tmp_path / "empty").mkdir()
+    claim(str(tmp_path / "empty"))
+    earlier = tmp_path / "earlier"  # written before markers existed: its report files say what it is
+    earlier.mkdir()
+    for f in ("report.json", "report.md", "report.png", "vllm_raw.json"):
+        (earlier / f).write_text("{}")
+    assert classify(earlier).kind == "eval"
+    claim(str(earlier))
+    assert (earlier / MARKER).is_file()
+    # the default, <head>/eval, inside a trained head: the head stays a head
+    head = tmp_path / "h"
+    shutil.copytree(head_dir, head)
+    assert claim_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head)]}})) == head / "eval"
+    assert classify(head).kind == "head" and classify(head / "eval").kind == "eval"
+
+
 # --------------------------------------------------------------------------- sweep, shards index
 
 
