@@ -276,11 +276,13 @@ def test_eval_output_is_new_empty_or_an_earlier_eval_output(model_dir, head_dir,
     res = runner.invoke(app, ["eval", str(cfg), f"eval.output={prompts}"])
     one_line_error(res, "p.jsonl is a file")
 
-    from stage3_eval.evaluate import claim_eval_output
+    from stage3_eval.evaluate import check_eval_output, open_eval_output
 
-    def claim(out):
-        return claim_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head_dir)],
-                                                                                    "output": out}}))
+    def claim(out):  # what run_eval does: checked before the target loads, created and marked when written
+        p = check_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head_dir)],
+                                                                                 "output": out}}))
+        assert p.exists() == (p.name != "new")
+        return open_eval_output(p)
 
     assert claim(str(tmp_path / "new")) == tmp_path / "new" and classify(tmp_path / "new").kind == "eval"
     (tmp_path / "empty").mkdir()
@@ -295,7 +297,8 @@ def test_eval_output_is_new_empty_or_an_earlier_eval_output(model_dir, head_dir,
     # the default, <head>/eval, inside a trained head: the head stays a head
     head = tmp_path / "h"
     shutil.copytree(head_dir, head)
-    assert claim_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head)]}})) == head / "eval"
+    out = check_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head)]}}))
+    assert open_eval_output(out) == head / "eval"
     assert classify(head).kind == "head" and classify(head / "eval").kind == "eval"
 
 
