@@ -112,10 +112,9 @@ def load_target_shape(cfg, target_config: Optional[str] = None) -> tuple[Shape, 
 
 def _gguf_conversion(tcfg) -> Path:
     """The converted HF dir of a GGUF target, only if it exists (the plan never converts)."""
-    from schemas.target import TargetError, _convert_root, _gguf_key, gguf_location
+    from schemas.target import TargetError, conversion_dir, gguf_location
 
-    f = gguf_location(tcfg)
-    out = _convert_root(tcfg) / f"{f.stem}-{_gguf_key(f)}"
+    out = conversion_dir(tcfg, gguf_location(tcfg))
     if not (out / "config.json").is_file():
         raise TargetError(f"target {tcfg.path} is a GGUF file that was never converted (any stage converts it once)")
     return out
