@@ -234,7 +234,11 @@ def prompt_sets(sz: "Sizes") -> tuple[list[dict], list[dict], list[dict]]:
         k += 1
     multi = sharegpt_conversations(sz.sharegpt, sz.sharegpt_turns, sz.human_chars, held) if sz.sharegpt else []
     train = _interleave([s for s in (multi, mixed) if s], len(multi) + len(mixed))
-    mt = mt_all[:MT_EVAL]
+    # interleaved by category, so that eval.max_prompts (--eval-prompts) keeps every category
+    by_cat: dict[str, list[dict]] = {}
+    for q in mt_all[:MT_EVAL]:
+        by_cat.setdefault(q["category"], []).append(q)
+    mt = _interleave(list(by_cat.values()), MT_EVAL)
     mt_rows = [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]} for q in mt]
     gsm_rows = [{"id": f"gsm8k-eval-{len(gsm) - GSM8K_EVAL + i}", "question": r["question"]}
                 for i, r in enumerate(gsm_eval)]
@@ -616,6 +620,9 @@ def main(argv=None) -> int:
     ap.add_argument("--conversations", type=int, default=None,
                     help="keep only the first N conversations of the mix (it is interleaved: any prefix keeps the "
                          "sources' shares; cutting at what regenerated.jsonl already holds ends regeneration there)")
+    ap.add_argument("--eval-prompts", type=int, default=None,
+                    help=f"prompts of each eval set (default {MT_EVAL}: every MT-bench first turn; the MT-bench "
+                         "file is interleaved by category, so any N keeps all 8; GSM8K has 20)")
     ap.add_argument("--publish", default=None,
                     help="name of the report under bench/results/ (default quality-sharegpt; none with --quick)")
     ap.add_argument("--until", default="eval", choices=UNTIL,
@@ -635,6 +642,8 @@ def main(argv=None) -> int:
         sz.sharegpt = a.sharegpt
     if a.sweep_steps is not None:
         sz.sweep_steps = a.sweep_steps
+    if a.eval_prompts:
+        sz.eval_prompts = a.eval_prompts
     a.publish = a.publish or ("none" if a.quick else "quality-sharegpt")
     a.dtype = a.dtype or default_dtype()
     a.threads = a.threads or default_threads()

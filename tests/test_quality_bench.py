@@ -41,7 +41,9 @@ def test_prompt_mix_is_multiturn_sharegpt_plus_old_sources_and_never_eval_questi
     assert not held & {m["value"] for r in train for m in r["conversations"]}
     # the eval sets: all 80 MT-bench first turns, ids carry the category; GSM8K's last 20 rows
     assert len(mt) == 80 and {r["id"].split("-", 2)[2] for r in mt} == {q["category"] for q in mt_all}
-    assert [r["prompt"] for r in mt] == [q["turns"][0] for q in mt_all]
+    assert sorted(r["prompt"] for r in mt) == sorted(q["turns"][0] for q in mt_all)
+    # interleaved by category: any prefix (eval.max_prompts) keeps all 8 categories
+    assert len({r["id"].split("-", 2)[2] for r in mt[:8]}) == 8
     assert len(gsm) == 20
     # the same sizes give the same file (the pipeline's fingerprints stay put), a smaller mix is a prefix
     assert quality.prompt_sets(sz)[0] == train
