@@ -59,7 +59,7 @@ def random_batch(L=48, n_draft=16, K=4, seed=1):
     mask = torch.rand(1, L, generator=g) < 0.8
     return {"input_ids": torch.randint(100, 100 + n_draft, (1, L), generator=g), "loss_mask": mask,
             "valid": torch.ones(1, L, dtype=torch.bool), "t_idx": t_idx, "t_prob": t_prob,
-            "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
+            "t_valid": torch.ones(1, L, K, dtype=torch.bool), "t_logp": t_prob.log(), "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
 
 
 def test_bf16_autocast_step_matches_fp32():
