@@ -94,7 +94,8 @@ def verify_cache(root: Path) -> dict:
     notes = []
     for row in list_shards(root):
         if row["status"] != "committed":
-            if not row["status"].startswith("refused"):  # a link out of the cache is listed as inconsistent
+            # links out of the cache are listed as inconsistent; temporary shards in `leftovers`, with their owner
+            if not (row["status"].startswith("refused") or row["name"].startswith(".tmp-")):
                 notes.append(f"{row['name']}: {row['status']} (ignored by readers)")
             continue
         checked += 1
@@ -108,7 +109,18 @@ def verify_cache(root: Path) -> dict:
         have = {r["shard"] for r in list_shards(root) if r["status"] == "committed"}
         missing = [k for k in range(int(expected)) if k not in have]
     return {"ok": not bad and not inconsistent, "checked": checked, "bad": bad, "missing": missing,
-            "inconsistent": inconsistent, "notes": notes}
+            "inconsistent": inconsistent, "notes": notes, "leftovers": leftover_rows(root)}
+
+
+def leftover_rows(root: Path) -> list[dict]:
+    """What killed workers left in shards/ (never read), with its size and whether its owner is gone."""
+    from schemas.leftovers import find_leftovers
+
+    return [{"name": lo.path.name, "kind": lo.kind, "shard": lo.shard, "bytes": lo.bytes, "state": lo.state,
+             "owner": None if lo.owner is None else {"host": lo.owner.host, "pid": lo.owner.pid},
+             "why": lo.why, "text": lo.words() + {"dead": "; the next `eagle3 extract` removes it",
+                                                  "alive": "; left alone"}.get(lo.state, "")}
+            for lo in find_leftovers(root)]
 
 
 # --------------------------------------------------------------------------- stats
@@ -287,15 +299,20 @@ def register(app: typer.Typer) -> None:
         else:
             for note in res["notes"]:
                 console.print(f"note: {note}", highlight=False, markup=False)
+            for lo in res["leftovers"]:
+                console.print(f"leftover {lo['text']}", highlight=False, markup=False, soft_wrap=True)
             for name, problems in res["bad"].items():
                 for p in problems:
                     console.print(f"BAD {name}: {p}", highlight=False, markup=False)
             for p in res["inconsistent"]:
                 console.print(f"INCONSISTENT {p}", highlight=False, markup=False, soft_wrap=True)
+            left = sum(lo["bytes"] for lo in res["leftovers"])
             out.print(f"{res['checked']} shards checked, {len(res['bad'])} bad"
                       + (f": {', '.join(res['bad'])}" if res["bad"] else "")
                       + (f"; {len(res['inconsistent'])} consistency problems (readers refuse this cache)"
-                         if res["inconsistent"] else ""), highlight=False, markup=False)
+                         if res["inconsistent"] else "")
+                      + (f"; {len(res['leftovers'])} leftovers ({_fmt_bytes(left)})" if res["leftovers"] else ""),
+                      highlight=False, markup=False)
         if not res["ok"]:
             sys.exit(1)
 

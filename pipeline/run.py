@@ -85,7 +85,7 @@ def fingerprint(cfg: RunConfig, stage: str) -> str:
         e = cfg_eff = effective_config(cfg)
         d = cfg_eff.data.model_dump(mode="json")
         ex = {k: c["extract"][k] for k in ("cache", "eval_cache", "layers", "topk", "samples_per_shard",
-                                             "compressor", "chunk_rows")}
+                                             "shard_tokens", "compressor", "chunk_rows")}
         data = {k: d[k] for k in ("train", "eval", "max_length", "truncation", "on_error", "max_samples")}
         files = _files_sig(list(e.data.train) + list(e.data.eval))
         up = fingerprint(cfg, "regenerate") if cfg.data.regenerate.enabled else None
@@ -179,20 +179,41 @@ def do_regenerate(cfg: RunConfig, progress: bool) -> dict:
     return {"conversations": n, "path": str(out)}
 
 
-def do_extract(cfg: RunConfig, progress: bool, worker=None, log: Callable[[str], None] = print) -> dict:
-    from stage1_extract.extract import run_extract
+def do_extract(cfg: RunConfig, progress: bool, worker=None, log: Callable[[str], None] = print,
+               target: Optional[tuple] = None) -> dict:
+    """Both splits with one load of the target (straight to its device); it is freed on return,
+    before stage 2 needs the device."""
+    from stage1_extract.extract import run_extract, worker_target_config
+    from stage1_extract.workers import resolve_worker
 
     e = effective_config(cfg)
     info: dict[str, Any] = {}
+    if target is None:
+        from schemas.target import load_target
+
+        target = load_target(worker_target_config(e.target, resolve_worker(worker)))
     for which in ("train", "eval") if e.data.eval else ("train",):
         rep: dict = {}
-        root = run_extract(e, worker=worker, which=which, progress=progress, report=rep)
+        root = run_extract(e, worker=worker, which=which, progress=progress, report=rep, target=target)
         info["cache" if which == "train" else "eval_cache"] = str(root)
         if rep:
             log(f"[extract] {which} worker {rep.get('worker')}: {rep.get('shards_written')} shards written, "
                 f"{rep.get('shards_skipped')} already committed, {rep.get('samples')} samples, "
                 f"{rep.get('tokens')} tokens in {rep.get('wall_s', 0):.1f}s -> {root}")
     return info
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def do_train(cfg: RunConfig, progress: bool, restart: bool = False) -> dict:
@@ -232,6 +253,7 @@ def run_stage(cfg: RunConfig, stage: str, progress: bool = True, *, log: Callabl
         info = do_regenerate(cfg, progress)
     elif stage == "extract":
         info = do_extract(cfg, progress, log=log)
+        _free_device_memory()  # the target is gone before stage 2 takes the device
     elif stage == "train":
         prev = read_marker(cfg, stage, out)
         # Finished before under other settings: the old checkpoints must not be resumed.

@@ -98,24 +98,12 @@ def temp_shard_path(root: str | Path, k: int) -> Path:
 
 
 def remove_dead_temp_dirs(root: str | Path, k: Optional[int] = None) -> list[Path]:
-    """Remove temporary shard dirs (of shard k, or all) whose owner process is provably dead.
+    """Remove temporary shard dirs (of shard k, or all) whose owner is gone: a dead process on
+    this host, or on another host one whose owner lock is free or whose lease has expired
+    (schemas.leftovers). A live owner's dir is never touched. Returns what was removed."""
+    from schemas.leftovers import reclaim
 
-    A live owner's dir, or one whose owner cannot be checked (another host, an old
-    name without the owner), is left alone. Returns what was removed.
-    """
-    from schemas.locks import Owner
-
-    d = shards_dir(root)
-    if not d.is_dir():
-        return []
-    pattern = f"{TMP_PREFIX}{k:05d}-*.zarr" if k is not None else f"{TMP_PREFIX}*.zarr"
-    removed = []
-    for p in d.glob(pattern):
-        owner = Owner.parse(p.name[len(TMP_PREFIX):-len(".zarr")].split("-", 1)[-1])
-        if owner is not None and owner.is_dead():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    return reclaim(root, k)
 
 
 def shard_name(k: int) -> str:
@@ -198,53 +186,31 @@ def write_shard(cache_root: str | Path, k: int, arrays: dict[str, np.ndarray], *
 
     `arrays` holds every name of `layout(hidden_dtype)` with the stored dtype (hidden as
     uint16 bf16 bits, or uint8 e4m3 bits + hidden_scale). Inner chunks are compressed
-    and checksummed by `threads` threads (schemas.cache_write). Returns the shard.json
-    content. A shard already committed is an error: callers skip.
+    and checksummed by `threads` threads (schemas.cache_write; stage 1 streams rows into a
+    `ShardStream` instead of handing whole arrays over). Returns the shard.json content.
+    A shard already committed is an error: callers skip.
     """
-    from schemas.cache_write import hash_pool, write_array
+    from schemas.cache_write import ShardStream
 
-    final = shards_dir(cache_root) / shard_name(k)
-    if is_committed(final):
-        raise ShardCommitted(f"shard {final} is already committed")
-    tmp = temp_shard_path(cache_root, k)  # this process's own: its name holds the owner (schemas.locks)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     names = layout(hidden_dtype)
     missing = set(names) - set(arrays)
     if missing:
         raise CacheError(f"write_shard: arrays missing: {sorted(missing)}")
-    group_json = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "zarr.json").write_text(json.dumps(group_json))
-    checksums = {}
-    for name, (stored, logical) in names.items():
-        a = np.ascontiguousarray(arrays[name])
-        if a.dtype != np.dtype(stored):
-            raise CacheError(f"write_shard: '{name}' has dtype {a.dtype}, the layout stores {stored}")
-        rows = max(1, min(chunk_rows, a.shape[0])) if (name in ROW_ARRAYS or name == "hidden_scale") \
-            else max(1, a.shape[0])
-        digest = hash_pool().submit(array_checksum, a)  # sha256 (GIL released) while the chunks compress
-        write_array(tmp / name, a, chunk_rows=rows, compressor=compressor, attributes={"logical_dtype": logical},
-                    threads=threads)
-        checksums[name] = digest.result()
-    offsets = arrays["offsets"]
-    info = {
-        "schema": SHARD_SCHEMA_ID,
-        "shard": k,
-        "samples": int(len(offsets) - 1),
-        "tokens": int(offsets[-1]) if len(offsets) else 0,
-        "loss_tokens": int(arrays["loss_mask"].sum()),
-        "raw_bytes": int(sum(np.asarray(arrays[n]).nbytes for n in names)),
-        "compressor": compressor,
-        "chunk_rows": chunk_rows,
-        "checksums": checksums,
-        "chunk_checksums": "crc32c",
-        **({"hidden_dtype": "float8_e4m3fn"} if names is FP8_ARRAYS else {}),
-        **(extra or {}),
-    }
-    (tmp / SHARD_JSON).write_text(json.dumps(info, indent=1))
-    _commit_shard(cache_root, tmp, final)
-    return info
+    for name, (stored, _logical) in names.items():
+        if np.asarray(arrays[name]).dtype != np.dtype(stored):
+            raise CacheError(f"write_shard: '{name}' has dtype {np.asarray(arrays[name]).dtype}, "
+                             f"the layout stores {stored}")
+    rows = stored_row_arrays(hidden_dtype)
+    s = ShardStream(cache_root, k, {n: np.shape(arrays[n]) for n in rows}, hidden_dtype=hidden_dtype,
+                    chunk_rows=chunk_rows, compressor=compressor, threads=threads)
+    try:
+        for n in rows:
+            s.append(n, np.ascontiguousarray(arrays[n]))
+        return s.finish(arrays["offsets"], arrays["sample_index"], arrays["token_counts"],
+                        loss_tokens=int(np.asarray(arrays["loss_mask"]).sum()), extra=extra)
+    except BaseException:
+        s.abort()
+        raise
 
 
 def remove_own_temp_dir(root: str | Path, k: int) -> None:
@@ -561,6 +527,12 @@ def _nonfinite_problem(name: str, a: np.ndarray, fmt: str, row0: int, layers: Op
     return f"{name}: non-finite {what}: {nonfinite_report(a, fmt, row0, slots)}"
 
 
+def _inner_rows(array_dir: Path) -> int:
+    """Rows per inner chunk of a sharded array (from its zarr.json)."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    return max(1, int(meta["codecs"][0]["configuration"]["chunk_shape"][0]))
+
+
 def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, topk: Optional[int] = None,
                  vocab_size: Optional[int] = None, hidden_dtype: str = "bfloat16",
                  layers: Optional[list] = None) -> list[str]:
@@ -612,12 +584,14 @@ def verify_shard(shard_path: str | Path, *, hidden_size: Optional[int] = None, t
         # stream in row blocks: a shard of a large target holds tens of GB of hidden states
         h = hashlib.sha256()
         h.update(str(np.dtype(arr.dtype)).encode() + str(tuple(arr.shape)).encode())
-        block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
+        by_chunk = info.get("checksum_kind") is not None  # the sha256 of each inner chunk (cache_write)
         fmt, nonfinite = finite_format(name, arr.dtype), None
         try:
+            block = _inner_rows(p / name) if by_chunk else \
+                max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
             for s in range(0, arr.shape[0], block):
                 a = np.ascontiguousarray(arr[s:s + block])
-                h.update(a.data)
+                h.update(hashlib.sha256(a.data).digest() if by_chunk else a.data)
                 if fmt and nonfinite is None:
                     nonfinite = _nonfinite_problem(name, a, fmt, s, layers)
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails in the codec

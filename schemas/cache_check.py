@@ -6,7 +6,8 @@ metadata and the small per-shard arrays only (the bulk arrays are not read here)
 * the shard set: exactly 00000.zarr .. num_shards-1, each committed (shard.json
   present and readable), none beyond num_shards;
 * each shard.json: schema id, `shard` equal to its directory name, samples
-  per shard as cache.json's samples_per_shard and num_samples imply, and
+  per shard as cache.json's shard_starts (older caches: samples_per_shard and
+  num_samples) imply, and
   hidden_size / topk / layers as cache.json says;
 * each array's metadata: present, stored dtype, shape against the shard's counts
   and cache.json's H / K / V, hidden's logical dtype against cache.json;
@@ -180,11 +181,40 @@ def _read_info(p: Path) -> tuple[Optional[dict], Optional[str]]:
     return info, None
 
 
-def _expected_samples(meta: dict, k: int) -> Optional[int]:
+def shard_layout(meta: dict) -> Optional[list[int]]:
+    """First sample of every shard plus the end: cache.json's shard_starts (token-sized shards), or
+    for caches made before those, k * samples_per_shard; None when cache.json says neither."""
+    if meta.get("shard_starts") is not None:
+        return [int(x) for x in meta["shard_starts"]]
     S, N = meta.get("samples_per_shard"), (meta.get("data") or {}).get("num_samples")
     if S is None or N is None:
         return None
-    return max(0, min(int(S), int(N) - k * int(S)))
+    return list(range(0, int(N), int(S))) + [int(N)]
+
+
+def _layout_problems(meta: dict) -> list[str]:
+    """cache.json's shard_starts against its own num_shards and data.num_samples."""
+    starts = meta.get("shard_starts")
+    if starts is None:
+        return []
+    N, n = (meta.get("data") or {}).get("num_samples"), meta.get("num_shards")
+    ok = (isinstance(starts, list) and len(starts) >= 1 and all(isinstance(x, int) for x in starts)
+          and starts[0] == 0 and all(a < b for a, b in zip(starts[:-1], starts[1:])))
+    if not ok:
+        return ["cache.json: shard_starts is not an increasing list of sample positions from 0"]
+    out = []
+    if N is not None and starts[-1] != N:
+        out.append(f"cache.json: shard_starts ends at sample {starts[-1]}, data.num_samples is {N}")
+    if n is not None and len(starts) - 1 != n:
+        out.append(f"cache.json: shard_starts holds {len(starts) - 1} shards, num_shards is {n}")
+    return out
+
+
+def _expected_samples(meta: dict, k: int) -> Optional[int]:
+    starts = shard_layout(meta)
+    if starts is None:
+        return None
+    return starts[k + 1] - starts[k] if k + 1 < len(starts) else 0
 
 
 def _info_problems(k: int, info: dict, meta: dict) -> list[str]:
@@ -202,8 +232,8 @@ def _info_problems(k: int, info: dict, meta: dict) -> list[str]:
         out.append(f"{SHARD_JSON} says shard {info.get('shard')!r}: the directory was renamed or copied")
     want = _expected_samples(meta, k)
     if want is not None and info.get("samples") != want:
-        out.append(f"{SHARD_JSON}: {info.get('samples')} samples, cache.json (samples_per_shard, "
-                   f"data.num_samples) implies {want}")
+        out.append(f"{SHARD_JSON}: {info.get('samples')} samples, cache.json (shard_starts, or "
+                   f"samples_per_shard and data.num_samples) implies {want}")
     target = meta.get("target") or {}
     for key, have in (("hidden_size", target.get("hidden_size")), ("topk", meta.get("topk")),
                       ("layers", meta.get("layers"))):
@@ -283,7 +313,9 @@ def cache_problems(root: str | Path, meta: dict) -> list[str]:
     bad_json = cache_json_problems(meta)
     if bad_json:
         return [f"cache.json: {p}" for p in bad_json]
-    problems = [p for p in _target_problems(root, meta)]
+    problems = [p for p in _target_problems(root, meta)] + _layout_problems(meta)
+    if any(p.startswith("cache.json: shard_starts is not") for p in problems):
+        return problems
     links = outside_links(root, shards_dir(root)) if shards_dir(root).exists() else []
     if links:  # nothing is read through a link out of the cache
         return problems + [f"{x}: resolves outside the cache (set EAGLE3_FOLLOW_SYMLINKS=1 to follow links out of "

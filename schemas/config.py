@@ -151,11 +151,20 @@ class ExtractConfig(_Section):
     eval_cache: Optional[str] = Field(None, description="cache for data.eval (default: <cache>-eval)")
     layers: Union[Literal["auto"], list[int]] = "auto"
     topk: int = Field(64, gt=0)
-    samples_per_shard: int = Field(1024, gt=0)
+    samples_per_shard: int = Field(1024, gt=0, description="upper bound on the samples of a shard")
+    shard_tokens: Optional[int] = Field(
+        1 << 20, gt=0, description="a shard closes before the sample that would take it past this many tokens "
+                                   "(null: samples_per_shard alone, the layout of older caches)")
     max_tokens_per_batch: int = Field(16384, gt=0)
+    window_tokens: Optional[int] = Field(
+        None, gt=0, description="batches are length-sorted inside windows of consecutive samples of this many "
+                                "tokens: larger pads less, and bounds the features the writer holds (default: "
+                                "16 x max_tokens_per_batch)")
     logits_chunk_tokens: int = Field(2048, gt=0, description="positions per chunk of the full-vocab softmax")
     compressor: Literal["none", "zstd", "blosc-zstd", "lz4"] = "zstd"
-    chunk_rows: int = Field(2048, gt=0)
+    chunk_rows: Union[Literal["auto"], int] = Field(
+        "auto", description="rows per inner chunk; auto = a quarter of the mean sample length (power of two, "
+                            "32..2048), so that a training rank decodes <= 1.25x the rows it trains on")
     writer_queue: int = Field(4, gt=0, description="batches queued for the writer thread before compute waits")
     writer_threads: int = Field(0, ge=0, description="threads compressing a shard's chunks (0 = up to 4 cores)")
     hidden_dtype: Literal["bf16", "fp8"] = Field(
@@ -169,6 +178,13 @@ class ExtractConfig(_Section):
         if isinstance(v, list) and (len(v) != 3 or any(b <= a for a, b in zip(v, v[1:]))):
             raise ValueError("must be 3 distinct layer ids in increasing order (low, mid, high), e.g. [2, 16, 29]; "
                              "the head's fc reads them in this order")
+        return v
+
+    @field_validator("chunk_rows")
+    @classmethod
+    def _positive_chunk_rows(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError("must be 'auto' or a positive number of rows")
         return v
 
 

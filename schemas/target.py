@@ -86,6 +86,17 @@ def converted_dir(cfg: TargetConfig) -> Path:
     out = _convert_root(cfg) / f"{f.stem}-{_gguf_key(f)}"
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out
+    from schemas.locks import DirLock
+
+    # One process converts (a dequantised copy of the whole model on the host); the other
+    # workers of the node wait for it and load the result straight to their devices.
+    with DirLock(out.parent / ".locks" / out.name, f"converting {f.name}", timeout=6 * 3600):
+        if not ((out / "config.json").is_file() and (out / ".complete").is_file()):
+            _convert_gguf(f, out)
+    return out
+
+
+def _convert_gguf(f: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +126,6 @@ def converted_dir(cfg: TargetConfig) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    return out
 
 
 def load_tokenizer(cfg: TargetConfig):
@@ -235,14 +245,25 @@ def load_target(cfg: TargetConfig):
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device, hf_dir))
-    if cfg.device_map:
-        kw["device_map"] = cfg.device_map
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    # Straight to the device: the weights are read from the (memory-mapped) safetensors onto
+    # the device, never held whole on the host first (8 workers x 16 GB for an 8B target).
+    kw["device_map"] = cfg.device_map or device
     model = _from_pretrained(AutoModelForCausalLM, hf_dir, cfg.trust_remote_code, kw)
     if not cfg.device_map:
-        model.to(device)
+        _check_on(model, device)
     model.eval()
     torch.set_grad_enabled(True)  # callers use torch.no_grad() where needed
     return model, load_tokenizer(cfg), hf_dir
+
+
+def _check_on(model, device) -> None:
+    """Every parameter and buffer where the target was asked to be (none left on meta or the host)."""
+    stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != device]
+    if stray:
+        raise TargetError(f"the target loaded with {len(stray)} tensors off {device} (first: {stray[0]}); "
+                          f"set target.device_map to place it yourself")
 
 
 def is_remote_code(cfg: TargetConfig, hf_dir: Optional[Path]) -> bool:

@@ -1,14 +1,16 @@
 """Stage 1: run the target once over the data and write the feature cache (DESIGN.md section 4).
 
-Per shard (samples [k*S, (k+1)*S) of the ordered sample list; worker r of W takes
-k mod W == r): samples are sorted by length and packed into token-budget batches,
-the target runs once per batch (no grad; forward hooks keep only the three hidden
+Per shard (consecutive samples of the ordered sample list, at most
+`extract.shard_tokens` tokens and `extract.samples_per_shard` samples: `shard_starts`;
+worker r of W takes k mod W == r): inside windows of `extract.window_tokens` tokens,
+samples are sorted by length and packed into token-budget batches, the target runs
+once per batch (no grad; forward hooks keep only the three hidden
 states of `extract.layers`, see stage1_extract.capture), and on the device
 we keep those three layers and the top-K log-probabilities of
 the full-vocab softmax of the target's logits, computed in chunks of
 `extract.logits_chunk_tokens` positions. Padding is dropped before anything leaves
-the device. The writer thread (stage1_extract.writer) assembles, compresses and
-commits shards while the next batches run.
+the device. The writer thread (stage1_extract.writer) streams the rows into the
+shard's files, chunk by chunk, while the next batches run, and commits the shard.
 
 Logits. Materialising [B, T, V] logits (73k vocab x 16k tokens = 4.8 GB in fp32,
 plus the same again for log_softmax) is what makes naive extraction run out of
@@ -74,6 +76,69 @@ def make_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     if cur:
         batches.append(cur)
     return batches
+
+
+def split_by_tokens(lengths: Sequence[int], max_tokens: Optional[int], max_count: Optional[int] = None,
+                    start: int = 0) -> list[int]:
+    """Boundaries [start, ..., len] cutting consecutive samples into runs of at most `max_tokens`
+    tokens and `max_count` samples (None: no limit); a sample longer than max_tokens runs alone."""
+    n = len(lengths)
+    csum = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    bounds, lo = [start], 0
+    while lo < n:
+        hi = n if max_tokens is None else int(np.searchsorted(csum, csum[lo] + max_tokens, side="right")) - 1
+        hi = max(hi, lo + 1)
+        if max_count is not None:
+            hi = min(hi, lo + max_count)
+        bounds.append(start + hi)
+        lo = hi
+    return bounds
+
+
+def shard_starts(lengths: Sequence[int], samples_per_shard: int, shard_tokens: Optional[int]) -> list[int]:
+    """Which samples each shard holds (DESIGN.md section 4): shard k is samples [starts[k], starts[k+1]).
+
+    Consecutive samples in input order, a shard closing before the sample that would take
+    it past `extract.shard_tokens` tokens or `extract.samples_per_shard` samples (a sample
+    longer than shard_tokens gets a shard of its own; shard_tokens None: samples only, the
+    layout of caches made before token-sized shards). A function of the tokenized lengths
+    alone, so every worker, whatever their number, computes the same shards.
+    """
+    return split_by_tokens(lengths, shard_tokens, int(samples_per_shard))
+
+
+def shard_batches(lengths: Sequence[int], max_tokens: int, window_tokens: int) -> list[list[int]]:
+    """A shard's batches: windows of consecutive samples of at most `window_tokens` tokens, each
+    packed by `make_batches` (longest first); a window covering the shard gives exactly
+    `make_batches` over the shard. The writer holds the rows of a chunk until all its samples
+    are computed, so a window bounds what it holds; a larger one pads less (samples of similar
+    length share a batch)."""
+    bounds = split_by_tokens(lengths, window_tokens)
+    out: list[list[int]] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out += [[a + j for j in batch] for batch in make_batches(list(lengths[a:b]), max_tokens)]
+    return out
+
+
+CHUNK_ROWS_MIN, CHUNK_ROWS_MAX = 32, 2048
+
+
+def auto_chunk_rows(lengths: Sequence[int]) -> int:
+    """`extract.chunk_rows: auto`: the power of two at or below a quarter of the mean sample length,
+    within [32, 2048]. A training rank decodes whole inner chunks; the samples it needs start
+    and end at random places inside them, so it decodes about (mean length + chunk rows) rows
+    per mean-length sample it trains on: 1.25x at most with a quarter (bench/chunk_rows.py)."""
+    mean = float(np.mean(lengths)) if len(lengths) else float(CHUNK_ROWS_MAX)
+    rows = 1 << max(0, int(math.floor(math.log2(max(1.0, mean / 4)))))
+    return int(min(CHUNK_ROWS_MAX, max(CHUNK_ROWS_MIN, rows)))
+
+
+WINDOW_BATCHES = 16  # default window: padding ~3% (1-4k tokens) to ~9% (chat lengths) of the forward
+
+
+def window_tokens(cfg: RunConfig) -> int:
+    """extract.window_tokens; default 16 x max_tokens_per_batch."""
+    return int(cfg.extract.window_tokens or WINDOW_BATCHES * cfg.extract.max_tokens_per_batch)
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int):
@@ -541,7 +606,20 @@ def identity_differences(have: dict, want: dict) -> list[str]:
             b = [f"{p} ({(h or 'missing')[:12]})" for p, h in b]
         if a != b:
             diffs.append(f"{words}: cache has {a!r}, this run has {b!r}")
-    return diffs
+    return diffs + _layout_differences(have, want)
+
+
+def _layout_differences(have: dict, want: dict) -> list[str]:
+    """Shards are assigned by samples_per_shard and shard_tokens: the cache's own assignment must hold."""
+    from schemas.cache_check import shard_layout
+
+    a, b = shard_layout(have), shard_layout(want)
+    if a is None or b is None or a == b:
+        return []
+    hint = (" (it was made before token-sized shards: set extract.shard_tokens=null to extend it)"
+            if have.get("shard_starts") is None else "")
+    return [f"shard layout (extract.samples_per_shard / extract.shard_tokens): cache has {len(a) - 1} shards "
+            f"starting at samples {a[:4]}..., this run makes {len(b) - 1} starting at {b[:4]}...{hint}"]
 
 
 def prepare_cache(root: Path, identity: dict, model, tok, hf_dir: Path, probe_ids=None) -> dict:
@@ -631,6 +709,9 @@ class ExtractReport:
     manifest: bool
     logits_path: str
     capture: str = "hooks"  # hooks (only extract.layers kept) or hidden_states (the full tuple, fallback)
+    chunk_rows: int = 0  # rows per inner chunk of this cache
+    window_tokens: int = 0  # batches are length-sorted inside windows of this many tokens
+    peak_held_rows: int = 0  # most rows the writer held in partly filled chunks (< window_tokens + chunk_rows)
 
 
 def worker_target_config(tcfg, w: Worker, cuda=None):
@@ -675,6 +756,24 @@ def _sample_arrays(s) -> tuple[int, np.ndarray, np.ndarray]:
     return int(s.sample_index), np.asarray(s.input_ids, dtype=np.int32), np.asarray(s.loss_mask, dtype=np.uint8)
 
 
+def _keep_rows(rows: list, starts: Sequence[int], todo: Sequence[int]) -> list:
+    """rows with the entries of shards this worker does not write dropped (None)."""
+    keep = [None] * len(rows)
+    for k in todo:
+        keep[starts[k]:starts[k + 1]] = rows[starts[k]:starts[k + 1]]
+    return keep
+
+
+def add_shard_layout(identity: dict, cfg: RunConfig, lengths: np.ndarray) -> None:
+    """Record the token-sized shard layout and the inner chunk rows in the cache identity."""
+    starts = shard_starts(lengths, cfg.extract.samples_per_shard, cfg.extract.shard_tokens)
+    identity["shard_tokens"] = cfg.extract.shard_tokens
+    identity["shard_starts"] = [int(x) for x in starts]
+    identity["num_shards"] = len(starts) - 1
+    rows = cfg.extract.chunk_rows
+    identity["codec"]["chunk_rows"] = auto_chunk_rows(lengths) if rows == "auto" else int(rows)
+
+
 def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", progress: bool = True,
                 samples: Optional[list] = None, target: Optional[tuple] = None,
                 report: Optional[dict] = None, summary: Optional[bool] = None) -> Path:
@@ -716,6 +815,7 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     rows = [_sample_arrays(s) for s in samples]
     if any(rows[i][0] >= rows[i + 1][0] for i in range(len(rows) - 1)):
         raise ExtractError("samples must be ordered by sample_index (strictly increasing)")
+    lengths = np.array([len(r[1]) for r in rows], dtype=np.int64)
 
     layers = resolve_layers(cfg.extract.layers, int(model.config.num_hidden_layers))
     identity = cache_identity(cfg, model, tok, hf_dir, layers, paths, len(rows), which)
@@ -723,26 +823,30 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     if data_stats is not None:
         st = asdict(data_stats) if is_dataclass(data_stats) else dict(vars(data_stats))
         identity["data"]["stats"] = {k: v for k, v in st.items() if k not in ("lengths", "skipped_index")}
+    add_shard_layout(identity, cfg, lengths)
     probe = torch.from_numpy(rows[0][1][:32].astype(np.int64))[None]
     with cache_lock(root, f"preparing the cache (extract worker {w})"):  # one writer of cache.json / target/
         meta = prepare_cache(root, identity, model, tok, hf_dir, probe_ids=probe)
 
-    S = cfg.extract.samples_per_shard
-    n_shards = math.ceil(len(rows) / S)
+    starts = identity["shard_starts"]  # prepare_cache checked that the cache has the same layout
+    chunk_rows = int((meta.get("codec") or {}).get("chunk_rows") or identity["codec"]["chunk_rows"])
+    n_shards = len(starts) - 1
     mine = [k for k in range(n_shards) if w.owns(k)]
     done = set(committed_shards(root))
     todo = [k for k in mine if k not in done]
+    rows = _keep_rows(rows, starts, todo)  # the token arrays of other workers' shards are not held
+    samples = None
     H, K, V = meta["target"]["hidden_size"], meta["topk"], meta["target"]["vocab_size"]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     ext = Extractor(model, layers, K, cfg.extract.logits_chunk_tokens)
     writer = ShardWriter(root, hidden_size=H, topk=K, vocab_size=V, compressor=cfg.extract.compressor,
-                         chunk_rows=cfg.extract.chunk_rows, queue_size=cfg.extract.writer_queue,
+                         chunk_rows=chunk_rows, queue_size=cfg.extract.writer_queue,
                          hidden_dtype=cfg.extract.hidden_dtype, threads=cfg.extract.writer_threads,
                          shard_extra=lambda p: {"sample_range": [int(p.sample_index[0]), int(p.sample_index[-1]) + 1],
                                                 "hidden_size": H, "topk": K, "layers": layers})
     writer.claim_worker(w.rank, w.world)  # a second process with this worker id stops here
-    total_samples = sum(min(len(rows), (k + 1) * S) - k * S for k in todo)
+    total_samples = sum(starts[k + 1] - starts[k] for k in todo)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -758,12 +862,11 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
     n_samples = n_tokens = 0
     try:
         for k in todo:
-            lo, hi = k * S, min(len(rows), (k + 1) * S)
+            lo, hi = starts[k], starts[k + 1]
             plan = ShardPlan(k, np.array([r[0] for r in rows[lo:hi]], dtype=np.int64),
                              [r[1] for r in rows[lo:hi]], [r[2] for r in rows[lo:hi]])
             writer.begin_shard(plan)
-            lengths = [len(x) for x in plan.input_ids]
-            for batch in make_batches(lengths, cfg.extract.max_tokens_per_batch):
+            for batch in shard_batches(lengths[lo:hi], cfg.extract.max_tokens_per_batch, window_tokens(cfg)):
                 tc = time.perf_counter()
                 ids, mask = pad_batch([plan.input_ids[j] for j in batch], pad_id)
                 hidden, tids, tlps = ext(ids, mask)
@@ -799,13 +902,14 @@ def run_extract(cfg: RunConfig, *, worker: Any = None, which: str = "train", pro
         manifest = True
     rep = ExtractReport(str(root), str(w), n_shards, len(mine), len(mine) - len(todo), len(writer.committed),
                         n_samples, n_tokens, wall, compute_s, writer.wait_s, writer.flush_s, manifest,
-                        ext.logits_path, ext.capture)
+                        ext.logits_path, ext.capture, chunk_rows, window_tokens(cfg), writer.peak_held_rows)
     if report is not None:
         report.update(asdict(rep))
     if progress if summary is None else summary:
         print(f"extract {which} worker {w}: {rep.shards_written} shards written, {rep.shards_skipped} already "
               f"committed (of {len(mine)} mine, {n_shards} total); {n_samples} samples, {n_tokens} tokens in "
-              f"{wall:.1f}s ({n_tokens / max(wall, 1e-9):,.0f} tok/s); waited on the writer {writer.wait_s:.1f}s; "
+              f"{wall:.1f}s ({n_tokens / max(wall, 1e-9):,.0f} tok/s); waited on the writer {writer.wait_s:.1f}s, "
+              f"which held at most {writer.peak_held_rows:,} rows in partly filled chunks; "
               f"{'manifest written' if manifest else 'manifest left to the last worker'} -> {root}",
               file=sys.stderr, flush=True)
     return root

@@ -1,13 +1,22 @@
-"""Background shard writer: assembly, compression and disk writes run off the compute path.
+"""Background shard writer: rows go to the shard's files as they arrive, off the compute path.
 
-The compute loop hands over trimmed per-batch results (`put_batch`); a writer thread
-copies them into the shard's buffers (rows in sample order, whatever the batch
-order) and, once a shard is complete, a flush thread writes it with `schemas.cache.write_shard`
-(temp dir, shard.json last, atomic rename), its inner chunks compressed and
-checksummed by `threads` threads in parallel (numcodecs releases the GIL). The queue
-between compute and the writer is bounded (`extract.writer_queue` batches), and at
-most one shard is flushing while the next one fills, so host memory stays bounded
-and the target only waits when the disk is the bottleneck.
+The compute loop hands over trimmed per-batch results (`put_batch`) through a bounded
+queue (`extract.writer_queue` batches). The writer thread puts each sample's rows at
+their place in the shard's arrays (schemas.cache_write.ShardStream): an inner chunk is
+compressed (by `threads` threads) and appended to its array's file as soon as all its
+rows are there, whatever order the batches come in (they are length-sorted inside
+windows of consecutive samples, see stage1_extract.extract). At the end of the shard
+come the small arrays, shard.json and the atomic rename.
+
+Host memory of the writer, whatever the shard's size (DESIGN.md section 8), in rows of
+features (row bytes = 3H*2 + K*6, +6 with fp8 scales; ~25 KB for MiniCPM4-8B):
+  queued batches      <= writer_queue * max_tokens_per_batch
+  partly filled chunks < window_tokens + chunk_rows (only chunks whose other rows belong to
+                         samples of the window not yet computed; typically the edges of the
+                         samples done, a few chunk_rows each: `peak_held_rows` reports it)
+  chunks compressing  <= (threads + 1) * chunk_rows per row array
+plus the shard's token ids and loss mask (5 bytes a token) and its token counts (8 bytes
+a vocabulary entry).
 """
 from __future__ import annotations
 
@@ -15,14 +24,13 @@ import queue
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from schemas.cache import layout, shards_dir, write_shard
+from schemas.cache import shards_dir
 
 
 class WriterError(RuntimeError):
@@ -67,19 +75,17 @@ class BatchResult:
     ready: Optional[Any] = None  # a CUDA event to wait on before reading (non-blocking D2H)
 
 
-class _Assembly:
-    def __init__(self, plan: ShardPlan, hidden_size: int, topk: int, vocab_size: int, fp8: bool = False):
-        self.plan = plan
-        T = plan.num_tokens
-        self.fp8 = fp8
-        self.hidden = np.empty((T, 3, hidden_size), dtype=np.uint8 if fp8 else np.uint16)
-        self.hidden_scale = np.empty((T, 3), dtype=np.float16) if fp8 else None
-        self.topk_ids = np.empty((T, topk), dtype=np.int32)
-        self.topk_logprobs = np.empty((T, topk), dtype=np.float16)
-        self.done = np.zeros(len(plan.sample_index), dtype=bool)
-        self.vocab_size = vocab_size
+class _ShardFill:
+    """One shard's rows arriving batch by batch, in any order, each sample put at its rows."""
 
-    def fill(self, b: BatchResult) -> None:
+    def __init__(self, plan: ShardPlan, stream, vocab_size: int, fp8: bool):
+        self.plan, self.stream, self.fp8, self.vocab_size = plan, stream, fp8, vocab_size
+        self.filled = np.zeros(len(plan.sample_index), dtype=bool)
+        self.peak_held_rows = 0
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.loss_tokens = 0
+
+    def add(self, b: BatchResult) -> None:
         from schemas.cache import bf16_to_bits
 
         if b.ready is not None:
@@ -89,42 +95,46 @@ class _Assembly:
             hid = packed[..., :-2]
             scale = np.ascontiguousarray(packed[..., -2:]).view(np.float16)[..., 0]
         else:
-            hid = bf16_to_bits(b.hidden)
-        ids = b.topk_ids.numpy()
-        lps = b.topk_logprobs.numpy()
-        o = self.plan.offsets
-        row = 0
+            hid, scale = bf16_to_bits(b.hidden), None
+        ids, lps = b.topk_ids.numpy(), b.topk_logprobs.numpy()
+        p, o, row, k = self.plan, self.plan.offsets, 0, self.plan.shard
+        n_rows = sum(int(o[j + 1] - o[j]) for j in b.local)
+        if n_rows != hid.shape[0]:
+            raise WriterError(f"shard {k}: batch has {hid.shape[0]} rows, its samples {n_rows}")
         for j in b.local:
-            s, e = int(o[j]), int(o[j + 1])
-            n = e - s
-            self.hidden[s:e] = hid[row:row + n]
+            if self.filled[j]:
+                raise WriterError(f"shard {k}: sample {j} was handed over twice")
+            a, n = int(o[j]), int(o[j + 1] - o[j])
+            self._count(j)
+            s = self.stream
+            s.put("input_ids", a, np.asarray(p.input_ids[j], dtype=np.int32))
+            s.put("loss_mask", a, np.asarray(p.loss_mask[j], dtype=np.uint8))
+            s.put("hidden", a, hid[row:row + n])
             if self.fp8:
-                self.hidden_scale[s:e] = scale[row:row + n]
-            self.topk_ids[s:e] = ids[row:row + n]
-            self.topk_logprobs[s:e] = lps[row:row + n]
-            self.done[j] = True
+                s.put("hidden_scale", a, scale[row:row + n])
+            s.put("topk_ids", a, ids[row:row + n])
+            s.put("topk_logprobs", a, lps[row:row + n])
+            self.filled[j] = True
             row += n
-        if row != hid.shape[0]:
-            raise WriterError(f"shard {self.plan.shard}: batch has {hid.shape[0]} rows, its samples {row}")
+        self.peak_held_rows = max(self.peak_held_rows, self.stream.held_rows)
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def _count(self, j: int) -> None:
+        """Loss-masked token counts (token_counts) and the vocabulary check of sample j."""
         p = self.plan
-        if not self.done.all():
-            missing = np.flatnonzero(~self.done)[:5].tolist()
-            raise WriterError(f"shard {p.shard}: samples {missing} were never filled")
-        input_ids = np.concatenate(p.input_ids).astype(np.int32) if p.input_ids else np.zeros(0, np.int32)
-        loss_mask = np.concatenate(p.loss_mask).astype(np.uint8) if p.loss_mask else np.zeros(0, np.uint8)
-        masked = input_ids[loss_mask.astype(bool)]
+        tokens = np.asarray(p.input_ids[j])
+        masked = tokens[np.asarray(p.loss_mask[j]).astype(bool)]
         if masked.size and int(masked.max()) >= self.vocab_size:
             raise WriterError(f"shard {p.shard}: token id {int(masked.max())} >= vocab size {self.vocab_size}")
-        counts = np.bincount(masked, minlength=self.vocab_size).astype(np.int64)
-        out = {"input_ids": input_ids, "loss_mask": loss_mask, "hidden": self.hidden,
-               "topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs,
-               "offsets": p.offsets, "sample_index": p.sample_index.astype(np.int64), "token_counts": counts}
-        if self.fp8:
-            out["hidden_scale"] = self.hidden_scale
-        assert set(out) == set(layout("fp8" if self.fp8 else "bf16"))
-        return out
+        self.counts += np.bincount(masked, minlength=self.vocab_size)
+        self.loss_tokens += int(masked.size)
+
+    def finish(self, extra: dict) -> dict:
+        p = self.plan
+        if not self.filled.all():
+            missing = np.flatnonzero(~self.filled)[:5].tolist()
+            raise WriterError(f"shard {p.shard}: samples {missing} were never filled")
+        return self.stream.finish(p.offsets, p.sample_index.astype(np.int64), self.counts,
+                                  loss_tokens=self.loss_tokens, extra=extra)
 
 
 class ShardWriter:
@@ -140,18 +150,19 @@ class ShardWriter:
         self.compressor, self.chunk_rows = compressor, chunk_rows
         self.fp8 = hidden_dtype in ("fp8", "float8_e4m3fn")
         self.threads = default_writer_threads(threads)
-        self.raw_bytes = 0  # bytes of arrays handed to write_shard (for MB/s figures)
+        self.raw_bytes = 0  # bytes of the arrays written (for MB/s figures)
         self.shard_extra = shard_extra or (lambda plan: {})
         self.on_commit = on_commit
         self.q: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: Optional[BaseException] = None
         self.wait_s = 0.0  # compute time spent blocked on a full queue
-        self.flush_s = 0.0  # time spent compressing + writing shards
+        self.flush_s = 0.0  # writer-thread time spent reordering, compressing and writing
+        self.peak_held_rows = 0  # largest reorder buffer seen (rows)
         self.committed: list[dict] = []
-        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-flush")
-        self._pending: Optional[Future] = None
-        self._asm: dict[int, _Assembly] = {}
+        self._fill: Optional[_ShardFill] = None
+        self._current: Optional[int] = None  # the shard begun last
         self._claim = None  # the worker's claim on the cache (claim_worker), held until close()/abort()
+        self._owner = None  # this process's owner lock: its temporary shards are not reclaimed while held
         self._thread = threading.Thread(target=self._run, name="eagle3-writer", daemon=True)
         self._thread.start()
 
@@ -159,20 +170,24 @@ class ShardWriter:
         """Claim worker id rank/world on the cache: a second process with the same id (it would
         write the same shards) fails here, naming the first. Released by close()/abort() or death."""
         from schemas.cache import worker_claim
-        from schemas.locks import LockBusy
+        from schemas.locks import LockBusy, LockError
 
         claim = worker_claim(self.root, rank, world)
         try:
             self._claim = claim.acquire()
+        except LockError:
+            self.abort()
+            raise
         except LockBusy:
             self.abort()
             raise WriterError(f"{self.root}: extract worker {rank}/{world} is already running on this cache "
                               f"({claim.holder()}); two processes with one worker id would write the same shards. "
                               f"Wait for it to finish, or give this run another --worker") from None
 
-    def _release_claim(self) -> None:
-        if self._claim is not None:
-            self._claim.release()
+    def _release_locks(self) -> None:
+        for lock in (self._owner, self._claim):
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------------ producer side
     @property
@@ -204,10 +219,9 @@ class ShardWriter:
         try:
             self._put(None)
             self._thread.join()
-            self._flusher.shutdown(wait=True)
             self._raise_if_failed()
         finally:
-            self._release_claim()
+            self._release_locks()
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after a compute error)."""
@@ -222,8 +236,7 @@ class ShardWriter:
         except queue.Full:
             pass
         self._thread.join(timeout=60)
-        self._flusher.shutdown(wait=True)
-        self._release_claim()
+        self._release_locks()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None and not (isinstance(self.error, WriterError) and str(self.error) == "aborted"):
@@ -237,53 +250,73 @@ class ShardWriter:
                 break
             if self.error is not None:
                 continue  # drain so that the producer never blocks forever
+            t0 = time.perf_counter()
             try:
                 kind, payload = item
                 if kind == "begin":
-                    self._asm[payload.shard] = _Assembly(payload, self.hidden_size, self.topk, self.vocab_size,
-                                                         self.fp8)
+                    self._begin(payload)
+                elif self._fill is None:
+                    pass  # a shard that another worker layout committed before this one began it
                 elif kind == "batch":
-                    self._asm[payload.shard].fill(payload)
+                    self._fill.add(payload)
+                    self.peak_held_rows = max(self.peak_held_rows, self._fill.peak_held_rows)
                 elif kind == "end":
-                    asm = self._asm.pop(payload)
-                    arrays = asm.arrays()
-                    self._wait_pending()  # at most one shard flushing while the next fills
-                    self._pending = self._flusher.submit(self._flush, asm.plan, arrays)
+                    self._flush(self._fill)
+                    self._fill = None
             except BaseException as e:  # noqa: BLE001 - handed to the producer
                 self.error = e
+                self.error = self._failed(e)
+            self.flush_s += time.perf_counter() - t0
+        if self._fill is not None:  # aborted mid-shard: its temporary files go
+            self._fill.stream.abort()
+            self._fill = None
+
+    def _begin(self, plan: ShardPlan) -> None:
+        from schemas.cache import ShardCommitted
+        from schemas.cache_write import ShardStream
+        from schemas.leftovers import owner_lock, reclaim
+
+        self._current = plan.shard
+        if self._owner is None:  # before the first temporary shard exists
+            self._owner = owner_lock(self.root).acquire()
+        reclaim(self.root)  # temporary shards of writers that are gone, on any host
+        T, H, K = plan.num_tokens, self.hidden_size, self.topk
+        shapes = {"input_ids": (T,), "loss_mask": (T,), "hidden": (T, 3, H), "topk_ids": (T, K),
+                  "topk_logprobs": (T, K), **({"hidden_scale": (T, 3)} if self.fp8 else {})}
         try:
-            self._wait_pending()
-        except BaseException as e:  # noqa: BLE001
-            self.error = self.error or e
+            stream = ShardStream(self.root, plan.shard, shapes, chunk_rows=self.chunk_rows,
+                                 hidden_dtype="float8_e4m3fn" if self.fp8 else "bfloat16",
+                                 compressor=self.compressor, threads=self.threads)
+        except ShardCommitted as e:  # another worker layout wrote the same (deterministic) shard
+            print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
+            return
+        self._fill = _ShardFill(plan, stream, self.vocab_size, self.fp8)
 
-    def _wait_pending(self) -> None:
-        if self._pending is not None:
-            fut, self._pending = self._pending, None
-            fut.result()
+    def _flush(self, fill: _ShardFill) -> dict:
+        """The end of a shard: the last chunks, the small arrays, shard.json, the atomic rename."""
+        from schemas.cache import ShardCommitted
 
-    def _flush(self, plan: ShardPlan, arrays: dict[str, np.ndarray]) -> dict:
-        t0 = time.perf_counter()
-        from schemas.cache import ShardCommitted, remove_dead_temp_dirs, remove_own_temp_dir
-        from schemas.disk import disk_full, is_disk_full
-
-        # Temp dirs of this shard left by a killed run go; a live process's dir is never touched.
-        remove_dead_temp_dirs(self.root, plan.shard)
         try:
-            info = write_shard(self.root, plan.shard, arrays, compressor=self.compressor,
-                               chunk_rows=self.chunk_rows, extra=self.shard_extra(plan),
-                               hidden_dtype="float8_e4m3fn" if self.fp8 else "bfloat16", threads=self.threads)
+            info = fill.finish(self.shard_extra(fill.plan))
         except ShardCommitted as e:  # another worker layout wrote the same (deterministic) shard first
             print(f"extract: {e}; keeping it", file=sys.stderr, flush=True)
             return {}
-        except Exception as e:  # noqa: BLE001 - zarr may wrap the OSError
-            remove_own_temp_dir(self.root, plan.shard)  # on a full disk this frees the space
-            if is_disk_full(e):
-                raise disk_full(e, shards_dir(self.root), f"shard {plan.shard} was not committed (its temporary "
-                                f"files are removed; committed shards are intact)") from e
-            raise
-        self.flush_s += time.perf_counter() - t0
         self.raw_bytes += int(info["raw_bytes"])
         self.committed.append(info)
         if self.on_commit is not None:
             self.on_commit(info)
         return info
+
+    def _failed(self, e: BaseException) -> BaseException:
+        """Abort the shard being written (its temporary files go); a full disk gets a message naming it."""
+        from schemas.disk import disk_full, is_disk_full
+
+        k = self._current
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill.stream.abort()  # on a full disk this frees the space
+        if is_disk_full(e):
+            what = f"shard {k}" if k is not None else "a shard"
+            return disk_full(e, shards_dir(self.root), f"{what} was not committed (its temporary files are "
+                             f"removed; committed shards are intact)")
+        return e

@@ -59,6 +59,12 @@ class _Plan:
                 self.last_use[key] = p
         self.batch_len = [max(self.rows[int(i)][2] - self.rows[int(i)][1] for i in b) for b in batches]
 
+    def row_accounting(self, reader: CacheReader) -> tuple[int, int]:
+        """(rows this rank decodes: whole inner chunks, each once; rows it trains on: its samples'
+        rows after cropping) -- their ratio is what extract.chunk_rows costs (bench/chunk_rows.py)."""
+        decoded = sum(reader.shards[s].array("input_ids").chunk_rows for s, _ in self.chunk_seq)
+        return decoded, sum(b - a for _, a, b in self.rows.values())
+
     @staticmethod
     def chunks_of(reader: CacheReader, shard: int, start: int, stop: int) -> range:
         cr = reader.shards[shard].array("input_ids").chunk_rows if stop > start else 1

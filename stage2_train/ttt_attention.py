@@ -39,7 +39,8 @@ def _chunk_rows(q: torch.Tensor) -> int:
 def _block_scores(q: torch.Tensor, k: torch.Tensor, a: int, b: int, scale: float) -> torch.Tensor:
     """fp32 scores of queries a..b-1 against keys 0..b-1, -inf above the causal diagonal."""
     acc = _acc(q)
-    s = torch.matmul(q[:, :, a:b].to(acc), k[:, :, :b].to(acc).transpose(-1, -2)) * scale
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run this matmul in bf16 despite .to(acc)
+        s = torch.matmul(q[:, :, a:b].to(acc), k[:, :, :b].to(acc).transpose(-1, -2)) * scale
     rows = torch.arange(a, b, device=q.device)[:, None]
     cols = torch.arange(b, device=q.device)[None, :]
     return s.masked_fill(cols > rows, float("-inf"))
@@ -78,6 +79,11 @@ class _CausalLSE(torch.autograd.Function):
 
 
 def causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Under autocast the inputs are rounded to its dtype (as a matmul there would round them) and the
+    scores and their log-sum-exp are accumulated in fp32 (stage2_train/precision.py)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k = q.to(dt), k.to(dt)
     return _CausalLSE.apply(q, k, scale)
 
 
@@ -122,7 +128,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """(o [B,H,T,d] in q's dtype, lse [B,H,T] fp32 (float64 for float64)) of causal attention."""
     scale = q.shape[-1] ** -0.5
     if _fused(q):
-        o, lse = _FlashCPU.apply(q, k, v, scale)
+        # the raw kernel takes one dtype; under autocast RoPE leaves q, k in fp32 while v is bf16:
+        # run it in the dtype autocast would give F.scaled_dot_product_attention
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else \
+            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        o, lse = _FlashCPU.apply(q.to(dt), k.to(dt), v.to(dt), scale)
         return o, lse.to(_acc(q))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True), causal_lse(q, k, scale)
 

@@ -105,9 +105,6 @@ def test_bf16_autocast_rounds_only_the_logits_not_the_log_softmax():
     assert torch.equal(top, logits.float().argmax(-1))
 
 
-@pytest.mark.xfail(strict=True, reason="stage2_train/ttt_attention.py _block_scores: its matmul runs in bf16 under "
-                                        "autocast (the .to(fp32) before it does not stop autocast), so lse0 is "
-                                        "bf16-accurate (error ~2e-2), not fp32 as precision.py says; reported")
 def test_ttt_attention_log_sum_exp_accumulates_in_fp32_under_autocast():
     """precision.py: 'the TTT attention accumulates its log-sum-exp in fp32, so only the matmul
     inputs are rounded'. Reference: float64 over the bf16-rounded q and k."""

@@ -61,7 +61,9 @@ def flip_byte_in_chunk(f: Path, chunk: int) -> None:
     n = None
     for n_try in range(1, 10000):  # the index is n*16 bytes + crc at the end; find n from the offsets
         idx = np.frombuffer(bytes(raw[-(n_try * 16 + 4):-4]), dtype="<u8").reshape(n_try, 2)
-        if idx[0, 0] == 0 and int(idx[-1, 0] + idx[-1, 1]) == len(raw) - n_try * 16 - 4:
+        # chunks lie in the file in the order they were completed, not necessarily by index
+        if idx[:, 0].min() == 0 and int((idx[:, 0] + idx[:, 1]).max()) == len(raw) - n_try * 16 - 4 \
+                and int(idx[:, 1].sum()) == len(raw) - n_try * 16 - 4:
             n = n_try
             break
     assert n is not None and chunk < n

@@ -78,6 +78,14 @@ def _edited_num_samples(c):
     _edit_json(c / "cache.json", lambda d: d["data"].update(num_samples=11))
 
 
+def _edited_shard_starts(c):
+    _edit_json(c / "cache.json", lambda d: d.update(shard_starts=[0, 4, 7, 10]))
+
+
+def _old_layout_edited_num_samples(c):  # a cache made before shard_starts: k * samples_per_shard
+    _edit_json(c / "cache.json", lambda d: (d.pop("shard_starts"), d["data"].update(num_samples=11)))
+
+
 def _edited_hidden_dtype(c):
     _edit_json(c / "cache.json", lambda d: d.update(hidden_dtype="float8_e4m3fn"))
 
@@ -100,8 +108,14 @@ CASES = {
     "deleted embedding": (_no_embedding, "target/embed_tokens.safetensors: missing"),
     "changed target file": (_changed_target_config, "target/config.json: sha256 differs from the one recorded"),
     "edited layers": (_edited_layers, "shard 00000.zarr: shard.json: layers is [1, 3, 5], cache.json says [1, 2, 5]"),
-    "edited sample count": (_edited_num_samples, "shard 00002.zarr: shard.json: 2 samples, cache.json "
-                                                 "(samples_per_shard, data.num_samples) implies 3"),
+    "edited sample count": (_edited_num_samples, "cache.json: shard_starts ends at sample 10, "
+                                                 "data.num_samples is 11"),
+    "edited shard layout": (_edited_shard_starts, "shard 00001.zarr: shard.json: 4 samples, cache.json "
+                                                  "(shard_starts, or samples_per_shard and data.num_samples) "
+                                                  "implies 3"),
+    "old cache, edited sample count": (_old_layout_edited_num_samples, "shard 00002.zarr: shard.json: 2 samples, "
+                                       "cache.json (shard_starts, or samples_per_shard and data.num_samples) "
+                                       "implies 3"),
     "edited hidden dtype": (_edited_hidden_dtype, "shard 00000.zarr: array hidden: logical dtype bfloat16, "
                                                   "cache.json hidden_dtype says float8_e4m3fn"),
     "arrays missing": (_missing_arrays, "shard 00001.zarr: array input_ids: missing or unreadable metadata"),

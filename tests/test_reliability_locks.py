@@ -121,12 +121,12 @@ def test_a_second_holder_of_the_cache_lock_waits_and_a_worker_claim_is_exclusive
 
 SLOW = """
 import sys, time
-import schemas.cache as c
-_orig = c.array_checksum
-def _slow(a):
-    time.sleep(0.05)
-    return _orig(a)
-c.array_checksum = _slow
+import schemas.cache_write as c
+_orig = c.encode_chunk
+def _slow(chunk, codec):
+    time.sleep(0.02)
+    return _orig(chunk, codec)
+c.encode_chunk = _slow
 from pipeline.cli import main
 sys.argv = ["eagle3", "extract", sys.argv[1], "--worker", "0/1", "--no-progress"]
 main()
