@@ -29,6 +29,7 @@ QUICK = [
     ("quality.py --quick --dry-run --run-dir {tmp}/quality", ()),  # issue 21 owns quality.py
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
     ("nonfinite_cost.py --quick", ()),
+    ("objective_compare.py --quick", ()),
 ]
 # Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
 # objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
