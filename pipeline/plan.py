@@ -112,10 +112,9 @@ def load_target_shape(cfg, target_config: Optional[str] = None) -> tuple[Shape, 
 
 def _gguf_conversion(tcfg) -> Path:
     """The converted HF dir of a GGUF target, only if it exists (the plan never converts)."""
-    from schemas.target import TargetError, _convert_root, _gguf_key, gguf_location
+    from schemas.target import TargetError, conversion_dir, gguf_location
 
-    f = gguf_location(tcfg)
-    out = _convert_root(tcfg) / f"{f.stem}-{_gguf_key(f)}"
+    out = conversion_dir(tcfg, gguf_location(tcfg))
     if not (out / "config.json").is_file():
         raise TargetError(f"target {tcfg.path} is a GGUF file that was never converted (any stage converts it once)")
     return out
@@ -204,24 +203,85 @@ def cache_bytes_per_token(s: Shape, topk: int, hidden_dtype: str = "bf16", compr
     return {"raw": sum(raw.values()), "disk": sum(disk.values()), "parts": disk}
 
 
-def stage1_host_bytes(row_bytes: float, disk_row_bytes: float, load_bytes: int, *, samples_per_shard: int,
-                      mean_tokens: float, max_tokens_per_batch: int, writer_queue: int) -> dict:
-    """Host memory of one extraction worker, as the writer is built at c96fae6
-    (stage1_extract/writer.py, schemas/cache_write.py). Update this function when the
-    writer changes (issue 19: shards sized by tokens, chunks written as they fill).
+def pow2ceil(n: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
-        shard  = samples_per_shard x mean tokens x raw row bytes     (_Assembly: the whole shard's rows)
-        buffer = 2 x shard                                           (one shard filling, one flushing)
-               + shard x disk/raw                                    (write_shard: an array's compressed
-                                                                      chunks are kept until it is written)
-               + writer_queue x max_tokens_per_batch x raw row bytes (batches queued for the writer)
-        load   = the target's weights in the load dtype              (load_target loads on the CPU first)
-        total  = load + buffer                                       (an upper bound: on a GPU the CPU copy
-                                                                      is freed before the buffers fill)
+
+def stage1_host_bytes(row_bytes: float, disk_row_bytes: float, load_bytes: int, *, batch_arrays: list[float],
+                      pinned: bool, data_tokens: int, mean_tokens: float, shard_tokens: float, window_tokens: int,
+                      chunk_rows: int, writer_queue: int, writer_threads: int) -> dict:
+    """Host memory of one extraction worker with the streaming writer (stage1_extract/writer.py,
+    schemas/cache_write.py; shards sized by tokens, chunks written as their rows fill).
+    r = raw row bytes (3H x 2 + 6K, +6 with fp8 scales), d = its on-disk bytes, C = chunk_rows,
+    Q = writer_queue, T = writer_threads, n = samples of a window:
+
+        queued  = (Q + 2) x one batch: Q in the queue, one the writer thread is putting in place,
+                  one the compute loop holds while it waits for a free slot (the writer is the
+                  slower side on a GPU). One batch = its trimmed arrays at max_tokens_per_batch
+                  rows (batch_arrays, bytes each; padding makes real batches a few % smaller); on CUDA they are pinned copies, and torch's
+                  caching host allocator rounds each to a power of two and keeps the blocks.
+        held    = partly filled chunks: a sample's interior chunks go straight to compression,
+                  the chunk that holds the boundary between two neighbours waits until both
+                  are computed. Samples finish in length order, which is unrelated to their
+                  position, so half-way through a window half of its n - 1 inner boundaries
+                  (and the one with the previous window) wait, each with C / 2 rows filled on
+                  average: (n + 1) / 2 x C / 2 rows, window = min(window_tokens, shard tokens),
+                  n = window / mean length (the writer's `peak_held_rows` measures it; a buffer
+                  is allocated C rows but its pages are touched as rows fill). Bounded by
+                  (window + C) rows whatever the lengths (`held_bound`).
+        compress = (T + 1) chunks of C rows in flight per array, raw and compressed (T > 1;
+                  with T = 1 a chunk is compressed in place: its C x d output alone)
+        tokens  = 5 bytes (int32 id + uint8 mask) per token of the whole data set: every worker
+                  tokenizes all of it to compute the same shard layout (freed after, but the
+                  many small arrays leave the heap at that size)
+        load    = the target's weights in host memory: only on a CPU target; on a GPU they go
+                  from the memory-mapped safetensors to the device (file pages, not anonymous)
+        total   = load + buffer, buffer = queued + held + compress + tokens
+
+    Nothing here grows with the shard or the data set except `tokens` (DESIGN.md section 8).
     """
-    shard = samples_per_shard * mean_tokens * row_bytes
-    buffer = 2 * shard + shard * disk_row_bytes / row_bytes + writer_queue * max_tokens_per_batch * row_bytes
-    return {"shard": shard, "buffer": buffer, "load": load_bytes, "total": load_bytes + buffer}
+    batch = sum(pow2ceil(b) if pinned else b for b in batch_arrays)
+    queued = (writer_queue + 2) * batch
+    window = max(1.0, min(window_tokens, shard_tokens))
+    n = window / max(mean_tokens, 1.0)
+    held = min((n + 1) / 2 * chunk_rows / 2, window + chunk_rows) * row_bytes
+    held_bound = (window + chunk_rows) * row_bytes
+    compress = ((writer_threads + 1) * chunk_rows * (row_bytes + disk_row_bytes) if writer_threads > 1
+                else chunk_rows * disk_row_bytes)
+    tokens = 5 * data_tokens
+    buffer = queued + held + compress + tokens
+    return {"batch": batch, "queued": queued, "held": held, "held_bound": held_bound, "compress": compress,
+            "tokens": tokens, "buffer": buffer, "load": load_bytes, "total": load_bytes + buffer}
+
+
+def feature_arrays_per_token(s: Shape, topk: int, hidden_dtype: str = "bf16") -> list[int]:
+    """Bytes per token of the arrays a batch hands to the writer: hidden [3, H] bf16 (or fp8 bits +
+    fp16 scales), top-K ids int32, top-K log-probs fp16."""
+    hid = 3 * s.hidden * 2 if hidden_dtype == "bf16" else 3 * (s.hidden + 2)
+    return [hid, 4 * topk, 2 * topk]
+
+
+def stage1_host_plan(cfg, s: Shape, data: DataSize, cache: dict) -> dict:
+    """stage1_host_bytes for a run config: the window, chunk rows and shard size stage 1 will use."""
+    from stage1_extract.extract import auto_chunk_rows, window_tokens
+
+    e = cfg.extract
+    per = feature_arrays_per_token(s, e.topk, e.hidden_dtype)
+    on_cpu = str(cfg.target.device) == "cpu"
+    dtype_bytes = 4 if cfg.target.dtype == "float32" else 2
+    shard = e.samples_per_shard * data.mean
+    if e.shard_tokens:
+        shard = min(shard, max(e.shard_tokens, data.mean))
+    rows = auto_chunk_rows([data.mean]) if e.chunk_rows == "auto" else int(e.chunk_rows)
+    threads = e.writer_threads or 4  # 0 = up to 4 cores (stage1_extract.writer); a GPU node has them
+    h = stage1_host_bytes(sum(per), cache["disk"] - cache["parts"]["small"],
+                          s.params() * dtype_bytes if on_cpu else 0,
+                          batch_arrays=[b * e.max_tokens_per_batch for b in per], pinned=not on_cpu,
+                          data_tokens=data.tokens, mean_tokens=data.mean, shard_tokens=shard,
+                          window_tokens=window_tokens(cfg), chunk_rows=rows, writer_queue=e.writer_queue,
+                          writer_threads=threads)
+    return {**h, "chunk_rows": rows, "window_tokens": window_tokens(cfg), "shard_tokens": shard,
+            "writer_threads": threads}
 
 
 def stage1_gpu_bytes(s: Shape, *, dtype_bytes: int, tokens: int, chunk_tokens: int) -> dict:
@@ -362,9 +422,7 @@ def make_plan(cfg, opt: Options) -> Plan:
     dtype_bytes = 4 if cfg.target.dtype == "float32" else 2
     c = cache_bytes_per_token(shape, e.topk, e.hidden_dtype, e.compressor)
     c8 = cache_bytes_per_token(shape, e.topk, "fp8", e.compressor)
-    host = stage1_host_bytes(c["raw"], c["disk"], shape.params() * dtype_bytes,
-                             samples_per_shard=e.samples_per_shard, mean_tokens=data.mean,
-                             max_tokens_per_batch=e.max_tokens_per_batch, writer_queue=e.writer_queue)
+    host = stage1_host_plan(cfg, shape, data, c)
     g1 = stage1_gpu_bytes(shape, dtype_bytes=dtype_bytes, tokens=e.max_tokens_per_batch,
                           chunk_tokens=e.logits_chunk_tokens)
     ds = DSPlan.from_json(t.deepspeed)
@@ -441,7 +499,7 @@ def plan_lines(p: Plan) -> list[tuple[str, str]]:
 
     def tb(b):
         return f"{b / 1e12:,.2f} TB"
-    t, d = f["target"], f["data"]
+    t, d, h = f["target"], f["data"], f["stage1_host"]
     return [
         ("target", f"{t['model_type']} {t['params'] / 1e9:.2f}B params, hidden {t['hidden_size']}, "
                    f"{t['num_hidden_layers']} layers, vocab {t['vocab_size']:,} ({t['config']})"),
@@ -451,10 +509,12 @@ def plan_lines(p: Plan) -> list[tuple[str, str]]:
                               f"fp8 {f['cache_bytes_per_token_fp8']:,}; raw {f['cache_raw_bytes_per_token']:,})"),
         ("cache total", f"{tb(f['cache_bytes_total'])} (bf16 {tb(f['cache_bytes_total_bf16'])}, "
                         f"fp8 {tb(f['cache_bytes_total_fp8'])})"),
-        ("stage 1 host / worker", f"{g(f['stage1_host_bytes_per_worker'])} = load {g(f['stage1_host']['load'])} "
-                                  f"+ writer buffers {g(f['stage1_host']['buffer'])} "
-                                  f"(shard {g(f['stage1_host']['shard'])}); "
-                                  f"{g(f['stage1_host_bytes_per_node'])} per node of {f['gpus_per_node']} workers"),
+        ("stage 1 host / worker", f"{g(f['stage1_host_bytes_per_worker'])} = load {g(h['load'])} + queued batches "
+                                  f"{g(h['queued'])} + partly filled chunks {g(h['held'])} (at most "
+                                  f"{g(h['held_bound'])}) + compressing {g(h['compress'])} + token ids "
+                                  f"{g(h['tokens'])}; {g(f['stage1_host_bytes_per_node'])} per node of "
+                                  f"{f['gpus_per_node']} workers (window {h['window_tokens']:,} tokens, chunk_rows "
+                                  f"{h['chunk_rows']}, writer_threads {h['writer_threads']})"),
         ("stage 1 GPU", f"{g(f['stage1_gpu_bytes'])} = weights {g(f['stage1_gpu']['weights'])} "
                         f"+ batch {g(f['stage1_gpu']['activations'])}"),
         ("stage 2 GPU / rank", f"{g(f['stage2_gpu_bytes_per_rank'])} = weights {g(f['stage2_gpu']['weights'])} "

@@ -7,12 +7,14 @@ into. Kinds:
 
 * missing / empty            nothing there yet: any command may create its output;
 * file                       a plain file where a directory is expected;
-* cache / head / export / sweep
+* cache / head / export / sweep / eval / conversion
                              made by this tool: the marker file `.eagle3.json` says which
                              (written by the command that created the directory), or,
                              for directories made before markers existed, their own files
                              (cache.json with our schema id; config.json of an EAGLE-3
-                             head, with an `export` block for an export; sweep.json);
+                             head, with an `export` block for an export; sweep.json; an
+                             eval's report files); `conversion` is a GGUF target converted
+                             to an HF directory (schemas.target), its marker listing its files;
 * model                      weights (*.safetensors, *.bin, *.gguf, ...) or a config.json
                              of another architecture: never written into, never deleted;
 * unknown                    anything else (files this tool did not write).
@@ -31,8 +33,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 MARKER = ".eagle3.json"
-KINDS = ("missing", "file", "empty", "cache", "head", "export", "sweep", "model", "unknown")
-OURS = ("cache", "head", "export", "sweep")
+KINDS = ("missing", "file", "empty", "cache", "head", "export", "sweep", "eval", "conversion", "model", "unknown")
+OURS = ("cache", "head", "export", "sweep", "eval", "conversion")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".pkl")
 HEAD_ARCHS = ("LlamaForCausalLMEagle3", "Eagle3Speculator")
 CACHE_SCHEMA = "eagle3-cache/1"
@@ -42,6 +44,8 @@ HEAD_LEFTOVERS = {".lock", MARKER, "checkpoints", "train_config.yaml", "metrics.
 # what stage 1 leaves in a cache before cache.json exists (schemas.cache, stage1_extract.extract)
 CACHE_LEFTOVERS = {".locks", MARKER, "shards", "manifest.parquet"}
 CACHE_TEMP_PREFIXES = (".target.tmp", ".cache.json.tmp")
+# what stage 3 writes into eval.output (stage3_eval.report, stage3_eval.vllm_engine)
+EVAL_FILES = {MARKER, "report.json", "report.md", "report.png", "vllm.log", "vllm_raw.json", "vllm_heads"}
 
 
 class UnsafeDirError(RuntimeError):
@@ -124,6 +128,8 @@ def classify(path: str | Path) -> DirKind:
     if (p / "sweep.json").is_file():
         return DirKind(p, "sweep", "sweep.json of an eagle3 sweep")
     names = set(entries)
+    if "report.json" in names and names <= EVAL_FILES:
+        return DirKind(p, "eval", "report.json of an eagle3 eval")
     if names <= HEAD_LEFTOVERS:
         return DirKind(p, "head", f"an unfinished training output ({_names(names)})")
     if names and all(n in (MARKER, "sweep.md") or (entries[n].is_dir() and classify(p / n).kind == "head")
@@ -138,6 +144,7 @@ def classify(path: str | Path) -> DirKind:
 
 ARTICLE = {"missing": "missing", "file": "a file", "empty": "empty", "cache": "an eagle3 cache",
            "head": "a trained head (train.output)", "export": "an exported head", "sweep": "a sweep directory",
+           "eval": "an eval output (eval.output)", "conversion": "a GGUF target converted by eagle3",
            "model": "a model directory", "unknown": "a directory eagle3 did not create"}
 
 
@@ -152,18 +159,19 @@ def ensure_writable(path: str | Path, allowed: Iterable[str], what: str, hint: s
     return d
 
 
-def mark(path: str | Path, kind: str, created_by: str) -> None:
-    """Record that this tool made `path` as a `kind` (kept when already there and of that kind)."""
+def mark(path: str | Path, kind: str, created_by: str, **extra) -> None:
+    """Record that this tool made `path` as a `kind` (kept when already there and of that kind); `extra`
+    goes into the marker too (a conversion lists its files there)."""
     if kind not in OURS:
         raise ValueError(f"kind {kind!r} is not one of {OURS}")
     p = Path(path)
     have = read_marker(p)
-    if have is not None and have.get("kind") == kind:
+    if have is not None and have.get("kind") == kind and not extra:
         return
     p.mkdir(parents=True, exist_ok=True)
     tmp = p / f"{MARKER}.tmp{os.getpid()}"
     tmp.write_text(json.dumps({"kind": kind, "created_by": created_by,
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+                               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}) + "\n")
     os.replace(tmp, p / MARKER)
 
 

@@ -11,7 +11,7 @@ Three places, three costs:
 * Device tensors (stage 1): `device_all_finite(*tensors)` is one min/max reduction per
   tensor and a bool on the device; nothing is copied to the host until the caller
   decides to look (stage1_extract.extract looks one batch later).
-* Training (`FiniteWatch`): loss and gradient norm folded into a device flag every
+* Training (`FiniteWatch`): loss and gradient norm folded into device scalars every
   micro-batch, with the first bad step, and read (one host sync, one all-reduce) only
   when the trainer checks: before a checkpoint or a head is written and at log steps.
 """
@@ -117,56 +117,52 @@ def tensor_nonfinite(tensors: dict) -> list[str]:
 class FiniteWatch:
     """Is every loss and gradient norm of a training run finite? Asked without a host sync per step.
 
-    `observe(step, loss, grad_norm)` folds the values into two device scalars (the first
-    bad step, and what was bad: 1 loss, 2 gradient norm); `check(reduce_min=...)` reads them
-    once (one MIN all-reduce across ranks, so every rank stops at the same check) and raises
-    NonFiniteError naming the first bad step. A trainer checks before
-    it writes a checkpoint or a head, so the last checkpoint written is always a good one,
-    and at its log steps (where it reads the loss anyway).
+    `observe(step, loss, grad_norm)` folds the values into a device tensor: per kind (1 loss,
+    2 gradient norm) the first step where it was inf/NaN; `check(reduce_min=...)` reads it
+    once (one MIN all-reduce of those two numbers across ranks, so every rank stops at the
+    same check with the same message) and raises NonFiniteError naming the first bad step and
+    what was bad at it, on any rank. A trainer checks before it writes a checkpoint or a head,
+    so the last checkpoint written is always a good one, and at its log steps.
 
     With fp16 loss scaling, an overflowing gradient is expected (the step is skipped and
     the scale lowered): pass grad_norm=None there and watch the loss only.
     """
 
     LOSS, GRAD = 1, 2
+    NEVER = 2 ** 62  # "no bad step yet": larger than any step
 
     def __init__(self, device=None):
         import torch
 
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self.what = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.first_bad = torch.full((2,), self.NEVER, dtype=torch.int64, device=self.device)  # loss, grad norm
 
     def observe(self, step: int, loss=None, grad_norm=None) -> None:
         import torch
 
-        code = torch.zeros((), dtype=torch.int64, device=self.device)
-        for value, bit in ((loss, self.LOSS), (grad_norm, self.GRAD)):
+        for i, value in enumerate((loss, grad_norm)):
             if value is None:
                 continue
             if isinstance(value, torch.Tensor):
                 ok = torch.isfinite(value.detach().to(self.device, non_blocking=True)).all()
-                code = code + (~ok).long() * bit
+                self.first_bad[i] = torch.minimum(self.first_bad[i], torch.where(ok, self.NEVER, int(step)))
             elif not math.isfinite(float(value)):  # already a host number (e.g. DeepSpeed's grad norm)
-                code = code + bit
-        new = (self.first_bad < 0) & (code > 0)
-        self.first_bad = torch.where(new, torch.full_like(self.first_bad, int(step)), self.first_bad)
-        self.what = torch.where(new, code, self.what)
+                self.first_bad[i].clamp_(max=int(step))
 
     def state(self, reduce_min=None) -> tuple[int, int]:
-        """(first bad step or -1, what was bad at it) over every rank: one reduction, one host sync.
+        """(first bad step or -1, what was bad at it: LOSS | GRAD bits) over every rank: one reduction of two
+        numbers, one host sync.
 
         `reduce_min(t)`: an in-place MIN all-reduce over the ranks (the trainer passes
         stage2_train.collectives.Ranks'); None with one process."""
-        import torch
-
-        big = torch.iinfo(torch.int64).max
-        # one MIN reduction: the earliest step wins, and at equal steps the larger "what" (3 - what is smaller)
-        key = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, big), self.first_bad * 4 + 3 - self.what)
+        key = self.first_bad.clone()
         if reduce_min is not None:
             reduce_min(key)
-        k = int(key.item())
-        return (-1, 0) if k == big else (k // 4, 3 - k % 4)
+        loss_step, grad_step = key.tolist()
+        step = min(loss_step, grad_step)
+        if step >= self.NEVER:
+            return -1, 0
+        return step, self.LOSS * (loss_step == step) | self.GRAD * (grad_step == step)
 
     def check(self, where: str = "training", reduce_min=None) -> None:
         step, what = self.state(reduce_min)

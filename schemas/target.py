@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -71,11 +70,36 @@ def _gguf_key(f: Path) -> str:
     return hashlib.sha256(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+CONVERTED_BY = "eagle3 (GGUF -> HF conversion of the target)"
+
+
+def conversion_dir(cfg: TargetConfig, gguf: Path) -> Path:
+    """Where the HF conversion of `gguf` lives (one directory per file, size and mtime)."""
+    return _convert_root(cfg) / f"{gguf.stem}-{_gguf_key(gguf)}"
+
+
+def _conversion_complete(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / ".complete").is_file()
+
+
+def remove_stale_conversion(out: Path) -> None:
+    """Remove an unfinished conversion at `out`, only when its marker (schemas.dirkind) lists every file in
+    it: a directory there that this tool did not write is refused (UnsafeDirError), never deleted."""
+    from schemas.dirkind import read_marker, remove_owned
+
+    if not (out.exists() or out.is_symlink()):
+        return
+    m = read_marker(out) if out.is_dir() and not out.is_symlink() else None
+    owned = m.get("files", []) if m is not None and m.get("kind") == "conversion" else []
+    remove_owned(out, owned, "the GGUF conversion directory")
+
+
 def converted_dir(cfg: TargetConfig) -> Path:
     """HF directory for the target: the path itself, or the cached GGUF conversion.
 
-    The conversion is written to a temp dir and renamed, so a killed conversion
-    never leaves a directory that looks complete.
+    The conversion is written to a new temp dir and renamed, so a killed conversion
+    never leaves a directory that looks complete; its marker lists the files it wrote,
+    the only ones a later conversion may remove.
     """
     f = gguf_location(cfg)
     if f is None:
@@ -83,25 +107,31 @@ def converted_dir(cfg: TargetConfig) -> Path:
         if not (d / "config.json").is_file():
             raise TargetError(f"target.path {d}: no config.json (not an HF model directory)")
         return d
-    out = _convert_root(cfg) / f"{f.stem}-{_gguf_key(f)}"
-    if (out / "config.json").is_file() and (out / ".complete").is_file():
+    out = conversion_dir(cfg, f)
+    if _conversion_complete(out):
         return out
     from schemas.locks import DirLock
 
     # One process converts (a dequantised copy of the whole model on the host); the other
     # workers of the node wait for it and load the result straight to their devices.
     with DirLock(out.parent / ".locks" / out.name, f"converting {f.name}", timeout=6 * 3600):
-        if not ((out / "config.json").is_file() and (out / ".complete").is_file()):
+        if not _conversion_complete(out):
+            remove_stale_conversion(out)  # before the (long) conversion: foreign files there stop it at once
             _convert_gguf(f, out)
     return out
 
 
 def _convert_gguf(f: Path, out: Path) -> None:
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from schemas.dirkind import MARKER, mark, remove_owned
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp", dir=out.parent))  # new: nothing of anyone's to clear
+    os.chmod(tmp, 0o755)
     tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
     model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
     # save_pretrained refuses a model still attached to its GGUF quantizer; the
@@ -123,9 +153,14 @@ def _convert_gguf(f: Path, out: Path) -> None:
     cfg_json["eagle3_converted_from"] = str(f)
     (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
     (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    files = sorted(str(x.relative_to(tmp)) for x in tmp.rglob("*") if x.is_file() or x.is_symlink())
+    mark(tmp, "conversion", CONVERTED_BY, files=[*files, MARKER])
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not _conversion_complete(out):
+            raise
+        remove_owned(tmp, [*files, MARKER], "the GGUF conversion directory")  # another process finished first
 
 
 def load_tokenizer(cfg: TargetConfig):

@@ -39,6 +39,7 @@ import torch
 
 from schemas.cache import CacheError, CacheReader
 from schemas.config import ConfigError, RunConfig, dump_config
+from schemas.finite import FiniteWatch, NonFiniteError
 from schemas.head import make_head_config
 from stage2_train.collectives import Ranks, init_distributed
 from stage2_train.data import (cropped_lengths, heldout_subset, make_train_loader, rank_schedule, split_indices,
@@ -331,6 +332,7 @@ class Run:
     best: dict = field(default_factory=lambda: {"tau": -1.0, "step": None, "metrics": None})
     bar: Any = None
     wb: Any = None
+    watch: Any = None  # schemas.finite.FiniteWatch on the rank's device
 
     @property
     def tc(self):
@@ -377,7 +379,7 @@ def plan_run(cfg: RunConfig, ranks: Ranks, restart: bool) -> Run:
     lock = lock_output(out, ranks)  # before anything in train.output is touched
     ds = load_ds_config(cfg, ranks.world)
     run = Run(cfg=cfg, ranks=ranks, plan=Plan(cfg, ranks.world, int(ds["gradient_accumulation_steps"])), ds=ds,
-              out=out, lock=lock)
+              out=out, lock=lock, watch=FiniteWatch(ranks.device))
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if restart:
@@ -533,12 +535,16 @@ def train_steps(run: Run) -> int:
             if step >= plan.total_steps:
                 break
             t0 = time.perf_counter()
-            sums, gn = train_step(run, it)
+            sums, gn = train_step(run, it, step + 1)
             step += 1
             log_step(run, step, epoch, sums, gn, t0)
-            if step % tc.eval_every == 0 or step == plan.total_steps:
+            do_eval = step % tc.eval_every == 0 or step == plan.total_steps
+            do_save = step % tc.save_every == 0 or step == plan.total_steps
+            if do_eval or do_save or step % tc.log_every == 0:
+                stop_if_nonfinite(run)  # before anything is written from this step's weights
+            if do_eval:
                 evaluate(run, step)
-            if step % tc.save_every == 0 or step == plan.total_steps:
+            if do_save:
                 checkpoint(run, step, epoch, s + 1)
         del it, loader
     if run.start >= plan.total_steps and len(plan.val_idx) and run.best["metrics"] is None:
@@ -546,8 +552,9 @@ def train_steps(run: Run) -> int:
     return step
 
 
-def train_step(run: Run, it) -> tuple[Sums, Optional[float]]:
-    """One optimizer step over this rank's G micro-batches; returns the step's all-reduced sums.
+def train_step(run: Run, it, step: int) -> tuple[Sums, Optional[float]]:
+    """One optimizer step (number `step`, from 1) over this rank's G micro-batches; returns the step's
+    all-reduced sums. Its loss and gradient norm go to run.watch (device scalars, no host sync).
 
     The loss is normalised by the step's global count of loss tokens (all micro-batches of all
     ranks, counted before the forward), so every loss token weighs the same whatever the cut into
@@ -567,8 +574,24 @@ def train_step(run: Run, it) -> tuple[Sums, Optional[float]]:
         if g == run.G - 1 and r.rank == 0 and run.zero_stage == 0 and run.dtype == "float32":
             gn = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO / mixed precision
         engine.step()
+        run.watch.observe(step, loss=o.loss)
         sums.add(o.sums).add({"tokens": batch["valid"].sum()})
+    # fp16 loss scaling overflows on purpose (DeepSpeed skips the step and lowers the scale): loss only there
+    if run.dtype != "float16":
+        run.watch.observe(step, grad_norm=gn if gn is not None else engine.get_global_grad_norm())
     return sums.all_reduce(r), gn
+
+
+def stop_if_nonfinite(run: Run) -> None:
+    """Every rank raises NonFiniteError alike when a loss or gradient norm so far was inf/NaN (one MIN
+    all-reduce, one host read); called before any checkpoint or head is written, so what is on disk is good."""
+    try:
+        run.watch.check("train", reduce_min=lambda t: run.ranks.all_reduce(t, "min"))
+    except NonFiniteError as e:
+        latest = run.ckdir / "latest"
+        last = (f"the last good checkpoint, {latest.read_text().strip()} in {run.ckdir}, is kept: a rerun resumes "
+                f"from it" if latest.is_file() else f"no checkpoint was written to {run.ckdir}")
+        raise NonFiniteError(f"{e}; {last} (lower train.lr or check the cache with `eagle3 shards verify`)") from None
 
 
 def log_step(run: Run, step: int, epoch: int, sums: Sums, gn: Optional[float], t0: float) -> None:
@@ -650,6 +673,7 @@ def finish(run: Run, step: int) -> None:
     """The head: last/ always, the best held-out one at the top (else the last); curves; the lock released."""
     if run.bar is not None:
         run.bar.close()
+    stop_if_nonfinite(run)
     final = {"final_step": step, "dtype": run.dtype, "compute_dtype": dtype_name(run.amp),
              "world_size": run.ranks.world, "grad_accum": run.G, "zero_stage": run.zero_stage}
     if run.ranks.world > 1:  # data parallel replicas must hold the same head

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from schemas.dirkind import ensure_writable, mark
 from schemas.target import load_target
 from schemas.vllm_runtime import engine_python
 from stage3_eval.draft_runner import DraftRunner, head_layer_ids, load_draft
@@ -110,8 +111,9 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     vllm_python = engine_python(cfg.vllm) if e.engine in ("vllm", "both") else None
     prompts = load_prompts(e.prompts, max_prompts=e.max_prompts, max_turns=e.max_turns)
     heads = cfg.heads
+    out = check_eval_output(cfg)  # before the target loads: a wrong eval.output costs nothing
     if e.engine == "vllm":
-        return _finish(cfg, heads, [], {}, prompts, vllm_python, progress)
+        return _finish(cfg, heads, [], {}, prompts, vllm_python, progress, out=out)
     model, tok = model_tok if model_tok is not None else load_target(cfg.target)[:2]
     methods = cfg.eval_methods
     drafts = []
@@ -139,7 +141,7 @@ def run_eval(cfg, *, progress: bool = True, model_tok=None) -> dict:
     if bar is not None:
         bar.close()
     checks = _sampling_checks(cfg, tok, drafts, methods, prompts, progress)
-    return _finish(cfg, heads, methods, records, prompts, vllm_python, progress,
+    return _finish(cfg, heads, methods, records, prompts, vllm_python, progress, out=out,
                    target_dtype=base_runner.dtype, tree_check=tree_check, checks=checks,
                    device=base_runner.device)
 
@@ -227,7 +229,25 @@ def _sampling_checks(cfg, tok, drafts, methods, prompts, progress) -> dict:
     return out
 
 
-def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, target_dtype=None,
+def check_eval_output(cfg) -> Path:
+    """eval.output (default <head>/eval) must be new, empty or an earlier eval output (schemas.dirkind):
+    never a model, a cache, a head or a directory of someone else's files. Nothing is created yet."""
+    out = Path(cfg.eval.output) if cfg.eval.output else Path(cfg.heads[0]) / "eval"
+    ensure_writable(out, ("missing", "empty", "eval"), "eval.output",
+                    hint="Set eval.output to a new or empty directory (or an earlier eval output).")
+    return out
+
+
+def open_eval_output(out: Path) -> Path:
+    """Asked again (the directory may have changed while the target ran), then created and marked as an
+    eval output: the next eval may write there, nothing else will."""
+    ensure_writable(out, ("missing", "empty", "eval"), "eval.output",
+                    hint="Set eval.output to a new or empty directory (or an earlier eval output).")
+    mark(out, "eval", "eagle3 eval")
+    return out
+
+
+def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, out: Path, target_dtype=None,
             tree_check=None, checks=None, device=None) -> dict:
     """Summaries (HF methods, offline table, vLLM section when asked for) -> report files."""
     e = cfg.eval
@@ -259,7 +279,7 @@ def _finish(cfg, heads, methods, records, prompts, vllm_python, progress, *, tar
                 entry["methods"].append(row)
         entry["offline"] = offline_table(h, cfg, progress=progress, device=device) if e.offline else None
         report["heads"].append(entry)
-    out = Path(e.output) if e.output else Path(heads[0]) / "eval"
+    open_eval_output(out)
     if vllm_python is not None:
         report["vllm"] = run_vllm_eval(cfg, heads, prompts, out, vllm_python, progress=progress)
     paths = write_report(report, out)

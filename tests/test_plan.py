@@ -59,6 +59,37 @@ def test_minicpm4_plan_json_figures():
     assert f["warnings"] == []
 
 
+def test_stage1_host_memory_of_the_streaming_writer():
+    """MiniCPM4-8B, 1024-token mean, extract defaults + max_tokens_per_batch 32768, on a GPU, by hand."""
+    f = plan_json(*MINICPM4)
+    h = f["stage1_host"]
+    # one batch handed to the writer: hidden 32768 x 3 x 4096 bf16 (805,306,368 B, pinned: rounded up to
+    # 2^30 by torch's caching host allocator), top-64 ids int32 (2^23) and log-probs fp16 (2^22)
+    batch = 2 ** 30 + 32768 * 64 * 4 + 32768 * 64 * 2
+    assert h["batch"] == batch == 1_086_324_736
+    assert h["queued"] == (4 + 2) * batch                        # writer_queue 4 + the writer's + the loop's
+    # window 16 x 32768 tokens = 512 samples of 1024; chunk_rows auto = 1024 / 4 = 256; a row 24,960 B
+    assert h["window_tokens"] == 524_288 and h["chunk_rows"] == 256
+    assert h["held"] == (512 + 1) // 2 * 128 * 24_960 + 64 * 24_960 == 819_486_720
+    # 5 threads' chunks (4 + 1) of 256 rows, raw and zstd (hidden 24576 x 0.814, ids 256 x 0.5355, lps 128 x 0.792)
+    assert h["compress"] == int(5 * 256 * (24_960 + 24_576 * 0.814 + 256 * 2.142 / 4 + 128 * 1.584 / 2))
+    assert h["tokens"] == 5 * 102_400_000 and h["load"] == 0     # the weights go straight to the GPU
+    assert f["stage1_host_bytes_per_worker"] == pytest.approx(
+        6 * batch + 819_486_720 + 5 * 256 * 45_203.328 + 512_000_000, abs=2)
+    assert f["stage1_host_bytes_per_node"] == 8 * f["stage1_host_bytes_per_worker"]
+
+
+def test_stage1_host_memory_does_not_grow_with_the_shard():
+    """DESIGN.md section 8: shards 8x larger (by samples and tokens) leave a worker's host memory alone;
+    the window bounds what the writer holds (the writer before issue 19 held whole shards)."""
+    small = plan_json(*MINICPM4)
+    big = plan_json(*MINICPM4, "extract.samples_per_shard=8192", f"extract.shard_tokens={8 << 20}")
+    assert big["stage1_host_bytes_per_worker"] == small["stage1_host_bytes_per_worker"]
+    wide = plan_json(*MINICPM4, f"extract.window_tokens={1 << 20}")     # a window of the whole shard
+    assert wide["stage1_host"]["held"] == ((1024 + 1) / 2 * 128) * 24_960
+    assert wide["stage1_host"]["held_bound"] == ((1 << 20) + 256) * 24_960
+
+
 def test_more_nodes_shrink_the_partitioned_states_and_the_time():
     one, four = plan_json(*MINICPM4), plan_json(*MINICPM4, "--nodes", "4")
     assert four["gpus"] == 32

@@ -151,6 +151,48 @@ def test_write_target_dir_replaces_only_files_the_cache_recorded(tmp_path, tiny_
     assert (root / "target" / "embed_tokens.safetensors").is_file()
 
 
+def test_gguf_conversion_removes_only_its_own_unfinished_directory(tmp_path, tiny_llama_dir, monkeypatch):
+    """schemas.target's conversion directory was cleared with rmtree: now only files its marker lists go."""
+    import transformers as tf
+
+    from schemas.config import TargetConfig
+    from schemas.target import conversion_dir, converted_dir
+
+    real_model, real_tok = tf.AutoModelForCausalLM.from_pretrained, tf.AutoTokenizer.from_pretrained
+    loads = []  # the GGUF reader replaced by the tiny target: the write path below is the real one
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (loads.append(k.get("gguf_file")), real_model(str(tiny_llama_dir)))[1])
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok(str(tiny_llama_dir)))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cfg = TargetConfig(path=str(gguf), convert_dir=str(tmp_path / "conv"))
+    out = conversion_dir(cfg, gguf)
+    # a directory there that eagle3 did not write: refused before any conversion, untouched
+    out.mkdir(parents=True)
+    (out / "NOTES.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(UnsafeDirError, match=r"the GGUF conversion directory .* holds files eagle3 did not write "
+                                             r"\(NOTES.txt, model.safetensors\); refusing to remove it"):
+        converted_dir(cfg)
+    assert tree(out) == {"NOTES.txt": b"mine", "model.safetensors": b"weights"} and loads == []
+    shutil.rmtree(out)
+    # a conversion of ours: marked, every file listed
+    assert converted_dir(cfg) == out and loads == ["m.gguf"]
+    assert classify(out).kind == "conversion" and (out / ".complete").is_file()
+    assert converted_dir(cfg) == out and loads == ["m.gguf"]  # complete: reused
+    assert not list(out.parent.glob("*.tmp*"))
+    # unfinished (no .complete): ours, so converted again
+    (out / ".complete").unlink()
+    assert converted_dir(cfg) == out and loads == ["m.gguf"] * 2 and (out / ".complete").is_file()
+    # unfinished with a file of someone else's inside: refused, nothing removed
+    (out / ".complete").unlink()
+    (out / "NOTES.txt").write_text("mine")
+    before = tree(out)
+    with pytest.raises(UnsafeDirError, match=r"holds files eagle3 did not write \(NOTES.txt\)"):
+        converted_dir(cfg)
+    assert tree(out) == before and loads == ["m.gguf"] * 2
+
+
 # --------------------------------------------------------------------------- train.output
 
 
@@ -207,6 +249,57 @@ def test_export_force_overwrites_only_an_earlier_export(head_dir, tmp_path):
     (out / MARKER).unlink()
     assert classify(out).kind == "export"
     assert runner.invoke(app, ["export", str(head_dir), str(out), "--force"]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- eval.output
+
+
+def test_eval_output_is_new_empty_or_an_earlier_eval_output(model_dir, head_dir, tmp_path):
+    """Stage 3 wrote report.* into whatever eval.output named (a model's directory, a cache, anyone's files)."""
+    from schemas.config import load_config
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    cfg = write_cfg(tmp_path, target="/not/loaded", eval__head=[str(head_dir)], eval__prompts=[str(prompts)])
+    cache = tmp_path / "cache"
+    (cache / "shards").mkdir(parents=True)
+    (cache / "cache.json").write_text(json.dumps({"schema": "eagle3-cache/1"}))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.md").write_text("mine")
+    for victim, what in ((model_dir, "a model directory"), (cache, "an eagle3 cache"),
+                         (foreign, "a directory eagle3 did not create"), (head_dir, "a trained head")):
+        before = tree(victim)
+        res = runner.invoke(app, ["eval", str(cfg), f"eval.output={victim}"])
+        one_line_error(res, f"eval.output {victim} is {what}", "refusing to write there",
+                       "Set eval.output to a new or empty directory (or an earlier eval output)")
+        assert tree(victim) == before
+    res = runner.invoke(app, ["eval", str(cfg), f"eval.output={prompts}"])
+    one_line_error(res, "p.jsonl is a file")
+
+    from stage3_eval.evaluate import check_eval_output, open_eval_output
+
+    def claim(out):  # what run_eval does: checked before the target loads, created and marked when written
+        p = check_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head_dir)],
+                                                                                 "output": out}}))
+        assert p.exists() == (p.name != "new")
+        return open_eval_output(p)
+
+    assert claim(str(tmp_path / "new")) == tmp_path / "new" and classify(tmp_path / "new").kind == "eval"
+    (tmp_path / "empty").mkdir()
+    claim(str(tmp_path / "empty"))
+    earlier = tmp_path / "earlier"  # written before markers existed: its report files say what it is
+    earlier.mkdir()
+    for f in ("report.json", "report.md", "report.png", "vllm_raw.json"):
+        (earlier / f).write_text("{}")
+    assert classify(earlier).kind == "eval"
+    claim(str(earlier))
+    assert (earlier / MARKER).is_file()
+    # the default, <head>/eval, inside a trained head: the head stays a head
+    head = tmp_path / "h"
+    shutil.copytree(head_dir, head)
+    out = check_eval_output(load_config(raw={"target": {"path": "x"}, "eval": {"head": [str(head)]}}))
+    assert open_eval_output(out) == head / "eval"
+    assert classify(head).kind == "head" and classify(head / "eval").kind == "eval"
 
 
 # --------------------------------------------------------------------------- sweep, shards index
