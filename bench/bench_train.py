@@ -35,6 +35,7 @@ from stage2_train.data import BatchDataset, collate, make_batches, make_loader, 
 from stage2_train.sampler import chunk_aware_order  # noqa: E402
 from stage2_train.losses import ttt_forward  # noqa: E402
 from stage2_train.model import Eagle3Draft  # noqa: E402
+from stage2_train.objectives import raw_teacher  # noqa: E402
 from stage2_train.teacher import build_teacher  # noqa: E402
 from stage2_train.vocab import build_draft_vocab  # noqa: E402
 
@@ -163,10 +164,14 @@ def online_batches(target_model, layers, K, t2d_map, cache_batches):
         B, L = ids.shape
         t_idx, t_prob, t_top1 = (np.zeros((B, L, K), np.int64), np.zeros((B, L, K), np.float32),
                                  np.full((B, L), -1, np.int64))
+        t_valid, t_logp = np.zeros((B, L, K), bool), np.zeros((B, L, K), np.float32)
         for r in range(B):
-            t_idx[r], t_prob[r], t_top1[r] = build_teacher(ti[r].numpy(), tv[r].numpy().astype(np.float16), t2d_map)
+            lp16 = tv[r].numpy().astype(np.float16)
+            t_idx[r], t_prob[r], t_top1[r] = build_teacher(ti[r].numpy(), lp16, t2d_map)
+            _, t_valid[r], t_logp[r] = raw_teacher(ti[r].numpy(), lp16, t2d_map)
         yield {**b, "hidden": hs, "t_idx": torch.from_numpy(t_idx), "t_prob": torch.from_numpy(t_prob),
-               "t_top1": torch.from_numpy(t_top1)}
+               "t_top1": torch.from_numpy(t_top1), "t_valid": torch.from_numpy(t_valid),
+               "t_logp": torch.from_numpy(t_logp)}
 
 
 def main():

@@ -96,7 +96,8 @@ def synthetic_batch(B: int, T: int, cfg: dict, K: int, seed: int) -> dict:
     return {"input_ids": torch.randint(0, cfg["vocab_size"], (B, T), generator=g), "loss_mask": mask,
             "valid": torch.ones(B, T, dtype=torch.bool),
             "hidden": torch.randn(B, T, 3 * cfg["hidden_size"], generator=g).to(torch.bfloat16),
-            "t_idx": idx, "t_prob": prob, "t_top1": idx[..., 0].clone(), "tokens": B * T}
+            "t_idx": idx, "t_prob": prob, "t_top1": idx[..., 0].clone(), "tokens": B * T,
+            "t_valid": torch.ones(B, T, K, dtype=torch.bool), "t_logp": prob.log()}
 
 
 def cache_batch(reader, B: int, T: int, n_draft: int) -> dict:

@@ -86,6 +86,7 @@ def run_case(args) -> dict:
              "t_idx": torch.randint(0, args.vocab, (1, T, K), generator=g),
              "t_prob": torch.softmax(torch.randn(1, T, K, generator=g), -1),
              "t_top1": torch.randint(0, args.vocab, (1, T), generator=g), "hidden": torch.randn(1, T, 3 * h, generator=g)}
+    batch.update(t_valid=torch.ones(1, T, K, dtype=torch.bool), t_logp=batch["t_prob"].log())
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in m.buffers()}
     kept: dict[int, tuple[int, str]] = {}

@@ -5,8 +5,8 @@
 <sweep dir>/<point name>/ (sweep dir = sweep.output or <train.output>-sweep), and
 with `sweep.eval: true` runs stage 3 on it too. Locally the points run in sequence
 (each skipped when already finished); `--executor slurm` submits them as one job
-array after the extraction jobs. The comparison table (simulated τ and acc_0 on the
-held-out split, measured τ / speed-up when evaluated, training time) marks the best
+array after the extraction jobs. The comparison table (simulated τ greedy and at T = 1,
+and acc_0, on the held-out split, measured τ / speed-up when evaluated, training time) marks the best
 head and is written as sweep.json + sweep.md in the sweep dir.
 """
 from __future__ import annotations
@@ -113,6 +113,9 @@ def point_row(cfg: RunConfig, point: dict[str, Any]) -> dict:
     row["simulated_tau"] = off["simulated_tau"]
     row["acc"] = off["acc"]
     row["acc_0"] = off["acc"][0] if off["acc"] else None
+    row["alpha"] = off.get("alpha")  # expected acceptance at T = 1 per position (issue 24)
+    row["alpha_hi"] = off.get("alpha_hi")
+    row["simulated_tau_t1"] = off.get("simulated_tau_t1")
     rp = head / "eval" / "report.json"
     if rp.is_file():
         rep = json.loads(rp.read_text())
@@ -145,8 +148,9 @@ def build_table(cfg: RunConfig, rows: list[dict], **extra) -> dict:
     keys = list(cfg.sweep.grid)
     lines = [f"# Sweep over {', '.join(keys)} ({len(rows)} heads, one cache: {cfg.train_cache})", "",
              "| " + " | ".join(["best", *[k.split('.', 1)[1] for k in keys], "acc_0", "simulated τ",
-                               *[f"measured τ ({k[4:]})" for k in measured], "train s", "head"]) + " |",
-             "|" + "---|" * (len(keys) + 5 + len(measured))]
+                               "simulated τ (T=1)", *[f"measured τ ({k[4:]})" for k in measured], "train s",
+                               "head"]) + " |",
+             "|" + "---|" * (len(keys) + 6 + len(measured))]
 
     def f(x, fmt="{:.3f}"):
         return "–" if x is None else fmt.format(x)
@@ -154,6 +158,7 @@ def build_table(cfg: RunConfig, rows: list[dict], **extra) -> dict:
     for r in rows:
         lines.append("| " + " | ".join(["**★**" if r["best"] else "", *[str(r.get(k)) for k in keys],
                                         f(r.get("acc_0"), "{:.4f}"), f(r.get("simulated_tau")),
+                                        f(r.get("simulated_tau_t1")),
                                         *[f(r.get(k)) for k in measured], f(r.get("train_seconds"), "{:.1f}"),
                                         r["head"] + ("" if r.get("finished") else " (not finished)")]) + " |")
     lines += ["", f"best: {best['name'] if best else '–'} (by {by})"]

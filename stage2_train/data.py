@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from schemas.cache import CacheReader
+from stage2_train.objectives import raw_teacher
 from stage2_train.sampler import pack_sorted
 from stage2_train.teacher import build_teacher
 
@@ -120,7 +121,9 @@ def cropped_lengths(reader: CacheReader, max_length: Optional[int]) -> np.ndarra
 
 def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Optional[int] = None,
             sample_ids: Optional[Sequence[int]] = None, hidden: Optional[np.ndarray] = None) -> dict:
-    """Right-pad samples into [B, L] tensors and rebuild the teacher (restricted to the draft vocab).
+    """Right-pad samples into [B, L] tensors and rebuild the teacher: restricted to the draft vocab and
+    renormalised (t_idx, t_prob, t_top1), and the raw top-K the objectives and the acceptance read
+    (t_valid: entry inside the draft vocab, t_logp: the cached full-vocab log-probs; -inf on padding).
 
     `hidden`: the batch's bf16 bits [B, L, 3H], already filled and zero-padded (the chunk
     loader writes rows straight into it); then the samples need no 'hidden'.
@@ -139,6 +142,8 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
     t_idx = np.zeros((B, L, K), dtype=np.int64)
     t_prob = np.zeros((B, L, K), dtype=np.float32)
     t_top1 = np.full((B, L), -1, dtype=np.int64)
+    t_valid = np.zeros((B, L, K), dtype=bool)
+    t_logp = np.full((B, L, K), -np.inf, dtype=np.float32)
     for b, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[b, :n] = s["input_ids"]
@@ -148,6 +153,7 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
             hidden[b, :n] = s["hidden"].reshape(n, hidden.shape[2])
         t_idx[b, :n], t_prob[b, :n], t_top1[b, :n] = build_teacher(s["topk_ids"], s["topk_logprobs"],
                                                                    target_to_draft)
+        _, t_valid[b, :n], t_logp[b, :n] = raw_teacher(s["topk_ids"], s["topk_logprobs"], target_to_draft)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "loss_mask": torch.from_numpy(loss_mask),
@@ -156,6 +162,8 @@ def collate(samples: list[dict], target_to_draft: np.ndarray, max_length: Option
         "t_idx": torch.from_numpy(t_idx),
         "t_prob": torch.from_numpy(t_prob),
         "t_top1": torch.from_numpy(t_top1),
+        "t_valid": torch.from_numpy(t_valid),
+        "t_logp": torch.from_numpy(t_logp),
         "tokens": int(valid.sum()),
         "sample_ids": list(sample_ids) if sample_ids is not None else [],
     }

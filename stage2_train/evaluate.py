@@ -7,7 +7,13 @@ step k rotated at t + k; heads that do not record that rule are refused):
   samples of the per-sample accuracy (samples with at least one counted position).
 * loss[k] = mean soft CE over loss positions; loss_std[k] = token-level std;
   loss_sample_std[k] = std over samples of the per-sample mean.
-* simulated_tau = 1 + Σ_k Π_{j<=k} acc[j].
+* loss is the soft CE whatever objective (train.loss) trained the head, so heads compare.
+* alpha[k] = mean over the counted positions of Σ_v min(p_v, q_v) over the cached top-K: the
+  expected acceptance of a token sampled from the draft at T = 1, an exact lower bound;
+  alpha_hi[k] adds min(1 − P_K, 1 − Q_K), the most the mass outside the top-K can add;
+  mass_out[k] = mean target mass on top-K tokens outside the draft vocab (stage2_train/objectives.py).
+* simulated_tau = 1 + Σ_k Π_{j<=k} acc[j] (greedy); simulated_tau_t1 (and _t1_hi) the same with
+  alpha[j] (alpha_hi[j]): sampling at T = 1.
 
 Where and how much: on the head's device, in its compute dtype; at most
 `train.eval_max_tokens` tokens (a seeded subset of the held-out samples, the same for
@@ -83,7 +89,10 @@ EVAL_WINDOW = 64
 EVAL_BATCH_SAMPLES = 256
 EVAL_BATCH_TOKENS = 16384  # padded rows per evaluation batch (forward only: no activations kept)
 # Per-position sums behind the metrics: token level (hit/cnt, ce_*) and over samples (acc_s*, loss_s*).
-EVAL_ROWS = ("hit", "cnt", "ce_sum", "ce_sq", "ce_n", "acc_s", "acc_s2", "acc_sn", "loss_s", "loss_s2", "loss_sn")
+EVAL_ROWS = ("hit", "cnt", "ce_sum", "ce_sq", "ce_n", "acc_s", "acc_s2", "acc_sn", "loss_s", "loss_s2", "loss_sn",
+             "alpha_sum", "alpha_hi_sum", "mass_out_sum")
+# the rows ttt_forward sums itself (over the counted positions: the acc denominator "cnt")
+UNROLL_ROWS = ("alpha_sum", "alpha_hi_sum", "mass_out_sum")
 
 
 def _eval_batches(reader: CacheReader, mine: np.ndarray, lengths: np.ndarray, t2d: np.ndarray,
@@ -108,7 +117,7 @@ def _eval_batches(reader: CacheReader, mine: np.ndarray, lengths: np.ndarray, t2
 
 def _batch_sums(out, sums: Sums) -> None:
     """Token- and sample-level sums of one batch (all on the device; see the module docstring)."""
-    rows: dict[str, list] = {k: [] for k in EVAL_ROWS}
+    rows: dict[str, list] = {k: [] for k in EVAL_ROWS if k not in UNROLL_ROWS}
     for ce, h, c, lm in out.per_token:
         ce, lm = ce.double(), lm.double()
         ce_m = ce * lm
@@ -122,6 +131,7 @@ def _batch_sums(out, sums: Sums) -> None:
                         ("loss_sn", (ln > 0).sum())):
             rows[name].append(v)
     sums.add({k: torch.stack(v) for k, v in rows.items()})
+    sums.add({k: out.sums[k] for k in UNROLL_ROWS})
 
 
 def _metrics(h: dict, num_samples: int) -> dict:
@@ -136,6 +146,7 @@ def _metrics(h: dict, num_samples: int) -> dict:
 
     acc = ratio(h["hit"], h["cnt"], 0.0)
     loss = ratio(h["ce_sum"], h["ce_n"], float("nan"))
+    alpha, alpha_hi = ratio(h["alpha_sum"], h["cnt"], 0.0), ratio(h["alpha_hi_sum"], h["cnt"], 0.0)
     return {
         "acc": acc,
         "acc_std": [math.sqrt(a * (1 - a)) for a in acc],
@@ -144,6 +155,11 @@ def _metrics(h: dict, num_samples: int) -> dict:
         "loss_std": std(h["ce_sum"], h["ce_sq"], h["ce_n"]),
         "loss_sample_std": std(h["loss_s"], h["loss_s2"], h["loss_sn"]),
         "simulated_tau": simulated_tau(acc),
+        "alpha": alpha,
+        "alpha_hi": alpha_hi,
+        "mass_out": ratio(h["mass_out_sum"], h["cnt"], 0.0),
+        "simulated_tau_t1": simulated_tau(alpha),
+        "simulated_tau_t1_hi": simulated_tau(alpha_hi),
         "num_samples": int(num_samples),
         "num_tokens": int(h["tokens"]),
         "counted_tokens": [int(c) for c in h["cnt"]],
@@ -249,11 +265,15 @@ def offline_metrics(head_dir_or_model: Any, cache_dir: str | Path, *, split: str
 
 
 def metrics_table(m: dict, title: str = "held-out") -> str:
-    """The per-position table (markdown): acc and loss, mean ± std over samples."""
+    """The per-position table (markdown): acc and loss, mean ± std over samples; alpha [lower, upper bound]."""
     lines = [f"### Per-position metrics ({title}: {m['num_samples']} samples, {m['num_tokens']} tokens)", "",
-             "| position | acc (mean ± std) | loss (mean ± std) |", "|---:|---:|---:|"]
+             "| position | acc (mean ± std) | alpha [≤ alpha_hi] | loss (mean ± std) |", "|---:|---:|---:|---:|"]
     for k, (a, s, l, ls) in enumerate(zip(m["acc"], m["acc_sample_std"], m["loss"], m["loss_sample_std"])):
-        lines.append(f"| {k} | {a:.4f} ± {s:.4f} | {l:.4f} ± {ls:.4f} |")
-    lines += ["", f"simulated acceptance length τ = 1 + Σ_k Π_(j≤k) acc_j = **{m['simulated_tau']:.3f}**",
-              "", "(mean over tokens; ± std over samples)"]
+        lines.append(f"| {k} | {a:.4f} ± {s:.4f} | {m['alpha'][k]:.4f} [{m['alpha_hi'][k]:.4f}] | "
+                     f"{l:.4f} ± {ls:.4f} |")
+    lines += ["", f"simulated acceptance length τ = 1 + Σ_k Π_(j≤k) acc_j = **{m['simulated_tau']:.3f}** (greedy)"]
+    lines += [f"sampling at T = 1: τ = 1 + Σ_k Π_(j≤k) alpha_j = **{m['simulated_tau_t1']:.3f}** "
+              f"(≤ {m['simulated_tau_t1_hi']:.3f} with alpha_hi)"]
+    lines += ["", "(mean over tokens; ± std over samples; alpha = Σ_v min(p, q) over the cached top-K, a lower "
+              "bound; alpha_hi adds the most the mass outside the top-K can give)"]
     return "\n".join(lines) + "\n"

@@ -1,15 +1,19 @@
-"""The training-time-test unroll: loss Σ_k decay^k loss_k, per-position acc_k and loss_k.
+"""The training-time-test unroll: loss Σ_k decay^k loss_k, per-position acc_k, loss_k and alpha_k.
 
-loss_k: soft cross-entropy between the draft's distribution and the teacher (target
-restricted to the draft vocab, renormalised), averaged over positions where the
-loss mask is 1 and the teacher's top-1 is in the draft vocab. In training the average
-is over the whole optimizer step (all micro-batches of all ranks: `loss_token_counts`,
-summed by the trainer), so every loss token weighs the same, on any number of ranks.
-The per-position CE lives in `_chunk_ce`; the per-position sums a batch reports
-(TTTOut.sums) are named rows that `Sums` carries and all-reduces whatever they are.
+loss_k: the objective `train.loss` (stage2_train/objectives.py: ce, the default soft
+cross-entropy against the teacher restricted to the draft vocab and renormalised; tv,
+lk_alpha, lk_lambda from the raw cached top-K) averaged over positions where the loss
+mask is 1 and the teacher's top-1 is in the draft vocab. In training the average is over
+the whole optimizer step (all micro-batches of all ranks: `loss_token_counts`, summed by
+the trainer), so every loss token weighs the same, on any number of ranks, whatever the
+objective. The per-position sums a batch reports (TTTOut.sums) are named rows that `Sums`
+carries and all-reduces whatever they are.
 acc_k: positions where draft top-1 == teacher top-1 / loss-masked positions (a
 teacher top-1 outside the draft vocab counts as a miss: the draft cannot emit it).
-Simulated acceptance length: 1 + Σ_k Π_{j<=k} acc_j.
+alpha_k: the expected acceptance of a sampled draft token, Σ_v min(p_v, q_v) over the cached
+top-K (an exact lower bound; alpha_hi_k adds the most the mass outside the top-K can give),
+averaged over the same positions as acc_k.
+Simulated acceptance length: 1 + Σ_k Π_{j<=k} acc_j (greedy); with alpha_j, sampling at T = 1.
 """
 from __future__ import annotations
 
@@ -17,13 +21,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stage2_train.teacher import step_view
-
-
-STAT_ROWS = ("loss_sum", "loss_n", "correct", "counted")
+from stage2_train.objectives import DEFAULT_LK_ETA, RowTerms, check_objective, chunk_terms
+from stage2_train.teacher import StepView, step_view
 
 
 @dataclass
@@ -32,14 +33,16 @@ class TTTOut:
 
     loss: scalar, Σ_k decay^k loss_sum_k / loss_tokens_k (see `ttt_forward`).
     sums: per-position sums, each [S] float64 on the batch's device, detached: loss_sum
-    (Σ CE over loss positions), loss_n (loss positions), correct (draft top-1 == teacher
-    top-1 on loss positions), counted (loss-masked positions, the accuracy denominator).
+    (Σ objective over loss positions), loss_n (loss positions), correct (draft top-1 == teacher
+    top-1 on loss positions), counted (loss-masked positions, the accuracy denominator), and
+    over the counted positions alpha_sum (Σ α_K, the acceptance's lower bound), alpha_hi_sum
+    (Σ its upper bound) and mass_out_sum (Σ target mass on top-K tokens outside the draft vocab).
     A new objective or metric adds a row here; `Sums` and the trainer carry any row.
     """
 
     loss: torch.Tensor
     sums: dict[str, torch.Tensor]
-    per_token: list | None = None  # per step (ce [B,L], correct [B,L], counted [B,L], loss_mask [B,L])
+    per_token: list | None = None  # per step (loss [B,L], correct [B,L], counted [B,L], loss_mask [B,L])
 
     loss_sum = property(lambda self: self.sums["loss_sum"])
     loss_n = property(lambda self: self.sums["loss_n"])
@@ -101,32 +104,27 @@ def simulated_tau(acc) -> float:
 LOSS_CHUNK_TOKENS = 2048
 
 
-def _chunk_ce(model, out: torch.Tensor, idx: torch.Tensor, prob: torch.Tensor):
-    """Soft CE against the teacher and the draft's top-1, for one chunk of positions."""
-    logits = model.logits(out)
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    ce = -(prob * logp.gather(-1, idx)).sum(-1)
-    return ce, logp.argmax(-1)
-
-
-def chunked_ce(model, out: torch.Tensor, idx: torch.Tensor, prob: torch.Tensor,
-               chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce [B, L], draft top-1 [B, L]) with at most one chunk's [rows, N] logits alive.
+def chunked_terms(model, out: torch.Tensor, v: StepView, objective: str = "ce", eta: float = DEFAULT_LK_ETA,
+                  chunk_tokens: int = LOSS_CHUNK_TOKENS) -> RowTerms:
+    """The objective and acceptance terms [B, L] of one TTT step (stage2_train.objectives.RowTerms),
+    with at most one chunk's [rows, N] logits alive.
 
     Under autograd each chunk is checkpointed: backward recomputes its logits instead
     of keeping [B, L, N] of them per TTT step.
     """
     B, L = out.shape[:2]
     step = max(1, chunk_tokens // max(B, 1))
+    teacher = (v.idx, v.valid, v.logp, v.prob)
     if step >= L:
-        parts = [_chunk_ce(model, out, idx, prob)]
+        parts = [chunk_terms(model, out, *teacher, objective, eta)]
     else:
         grad = torch.is_grad_enabled() and out.requires_grad
         parts = []
         for a in range(0, L, step):
-            args = (out[:, a:a + step], idx[:, a:a + step], prob[:, a:a + step])
-            parts.append(checkpoint(_chunk_ce, model, *args, use_reentrant=False) if grad else _chunk_ce(model, *args))
-    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+            args = (out[:, a:a + step], *(t[:, a:a + step] for t in teacher), objective, eta)
+            parts.append(checkpoint(chunk_terms, model, *args, use_reentrant=False) if grad
+                         else chunk_terms(model, *args))
+    return RowTerms(*(torch.cat(c, dim=1) for c in zip(*parts)))
 
 
 def loss_token_counts(batch: dict, ttt_length: int) -> torch.Tensor:
@@ -135,38 +133,45 @@ def loss_token_counts(batch: dict, ttt_length: int) -> torch.Tensor:
     return torch.stack([step_view(batch, k).loss_mask.sum() for k in range(ttt_length)]).to(torch.float64)
 
 
-def ttt_forward(model, batch: dict, ttt_length: int, decay: float = 0.8, *, keep_per_token: bool = False,
+def ttt_forward(model, batch: dict, ttt_length: int, decay: float = 0.8, *, objective: str = "ce",
+                lk_eta: float = DEFAULT_LK_ETA, keep_per_token: bool = False,
                 loss_chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_tokens: Optional[torch.Tensor] = None) -> TTTOut:
     """Unroll `ttt_length` steps of the draft on one padded batch (see stage2_train.teacher).
 
     Rows are at their own positions t; the model's `ttt_step` rotates step k at t + k.
-    loss = Σ_k decay^k (Σ CE_k over this batch's loss positions) / loss_tokens[k]. By default
+    loss = Σ_k decay^k (Σ objective_k over this batch's loss positions) / loss_tokens[k]. By default
     loss_tokens is this batch's own count (a per-batch mean); the trainer passes the count of
     the whole optimizer step over all ranks, so that every loss token weighs the same.
+    objective, lk_eta: train.loss, train.lk_eta (stage2_train.objectives).
     """
+    check_objective(objective, lk_eta)
     hidden = model.fuse(batch["hidden"])
     B, L = batch["input_ids"].shape
     pos = torch.arange(L, device=hidden.device).unsqueeze(0).expand(B, L)
     cache: list = []
-    ce_sums: list = []  # [S] differentiable Σ CE_k
+    loss_sums: list = []  # [S] differentiable Σ objective_k
     rows: list = []  # kept on the device: no host sync here
     per_token = [] if keep_per_token else None
     for k in range(ttt_length):
         v = step_view(batch, k)
         out = model.ttt_step(hidden, v.input_ids, pos, cache)
-        ce, top = chunked_ce(model, out, v.idx, v.prob, loss_chunk_tokens)   # [B, L]
-        lm = v.loss_mask.to(ce.dtype)
-        ce_sums.append((ce * lm).sum())
+        t = chunked_terms(model, out, v, objective, lk_eta, loss_chunk_tokens)   # each [B, L]
+        lm = v.loss_mask.to(t.loss.dtype)
+        loss_sums.append((t.loss * lm).sum())
         with torch.no_grad():
-            hit = (top == v.top1) & v.loss_mask
-            rows.append(torch.stack([lm.sum(), hit.sum().float(), v.counted.sum().float()]))
+            hit = (t.top1 == v.top1) & v.loss_mask
+            over_counted = [torch.where(v.counted, x, 0.0).sum(dtype=torch.float64)
+                            for x in (t.alpha, t.alpha_hi, t.mass_out)]
+            rows.append(torch.stack([lm.sum().double(), hit.sum().double(), v.counted.sum().double(),
+                                     *over_counted]))
             if per_token is not None:
-                per_token.append((ce.detach(), hit, v.counted, v.loss_mask))
+                per_token.append((t.loss.detach(), hit, v.counted, v.loss_mask))
         hidden = out
-    ce_k = torch.stack(ce_sums)  # fp32 (fp64 for a float64 head)
-    stats = torch.stack(rows, dim=1).double()  # [3, S]
+    loss_k = torch.stack(loss_sums)  # fp32 (fp64 for a float64 head)
+    stats = torch.stack(rows, dim=1)  # [6, S] float64
     n = stats[0] if loss_tokens is None else loss_tokens
-    weights = decay ** torch.arange(ttt_length, device=ce_k.device, dtype=torch.float64)
-    loss = (ce_k * (weights / n.clamp_min(1.0)).to(ce_k.dtype)).sum()
-    sums = {"loss_sum": ce_k.detach().double(), "loss_n": stats[0], "correct": stats[1], "counted": stats[2]}
+    weights = decay ** torch.arange(ttt_length, device=loss_k.device, dtype=torch.float64)
+    loss = (loss_k * (weights / n.clamp_min(1.0)).to(loss_k.dtype)).sum()
+    sums = {"loss_sum": loss_k.detach().double(), "loss_n": stats[0], "correct": stats[1], "counted": stats[2],
+            "alpha_sum": stats[3], "alpha_hi_sum": stats[4], "mass_out_sum": stats[5]}
     return TTTOut(loss, sums, per_token)

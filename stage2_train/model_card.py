@@ -110,11 +110,17 @@ def _f(x, fmt="{:.3f}") -> str:
 def offline_table(heldout: dict) -> list[str]:
     acc = heldout.get("acc") or []
     loss = heldout.get("loss") or []
-    lines = ["| TTT step k | acc_k | loss_k |", "|---:|---:|---:|"]
+    alpha = heldout.get("alpha")  # heads trained before alpha was logged have none
+    lines = ["| TTT step k | acc_k | alpha_k | loss_k |" if alpha else "| TTT step k | acc_k | loss_k |",
+             "|---:|---:|---:|---:|" if alpha else "|---:|---:|---:|"]
     for k, a in enumerate(acc):
-        lines.append(f"| {k} | {a:.3f} | {_f(loss[k] if k < len(loss) else None)} |")
+        al = f" {_f(alpha[k] if k < len(alpha) else None)} |" if alpha else ""
+        lines.append(f"| {k} | {a:.3f} |{al} {_f(loss[k] if k < len(loss) else None)} |")
     lines.append(f"\nSimulated acceptance length τ = 1 + Σ_k Π_j≤k acc_j = **{_f(heldout.get('simulated_tau'))}** "
                  f"({heldout.get('num_samples', '?')} held-out samples, teacher-forced).")
+    if alpha:
+        lines.append(f"At T = 1: τ = 1 + Σ_k Π_j≤k alpha_j = **{_f(heldout.get('simulated_tau_t1'))}**, alpha_k = "
+                     "Σ_v min(p, q) over the target's cached top-K (a lower bound of the acceptance).")
     return lines
 
 

@@ -29,8 +29,8 @@ KL(p~‖q) = ce − H(p~): the same gradient as ce. η = `train.lk_eta` (3, the 
 η = 0 gives KL, η → ∞ gives TV. Rows whose top-K holds no token of the draft vocabulary carry
 loss 0 (they are never loss positions: their top-1 is outside the draft vocabulary).
 
-Everything is computed in fp32 with autocast off, from logits of any dtype; one call holds one
-chunk's [rows, N] logits (see `chunk_terms`, the function the TTT unroll calls per chunk).
+Everything is computed in fp32 (fp64 for float64 logits) with autocast off, from logits of any
+dtype; one call holds one chunk's [rows, N] logits (see `chunk_terms`, the function the TTT unroll calls per chunk).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ DEFAULT_LK_ETA = 3.0
 
 
 class RowTerms(NamedTuple):
-    loss: torch.Tensor       # [...] fp32, differentiable: the chosen objective per row
+    loss: torch.Tensor       # [...] fp32 (fp64 for float64 logits), differentiable: the objective per row
     top1: torch.Tensor       # [...] int64 draft argmax (draft vocab ids)
     alpha: torch.Tensor      # [...] α_K, exact lower bound of the expected acceptance (detached)
     alpha_hi: torch.Tensor   # [...] α_K + min(1 − P_K, 1 − Q_K), upper bound (detached)
@@ -93,14 +93,15 @@ def row_terms(logits: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, logp
     """
     check_objective(objective, eta)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logq_all = F.log_softmax(logits.float(), dim=-1)
+        ct = torch.promote_types(logits.dtype, torch.float32)  # fp32; fp64 for a float64 head (tests)
+        logq_all = F.log_softmax(logits.to(ct), dim=-1)
         top1 = logq_all.argmax(-1)
         logq = logq_all.gather(-1, idx)                                   # [..., K]
-        lp = logp.float()
+        lp = logp.to(ct)
         neg_inf = torch.full_like(lp, -math.inf)
         lp_in = torch.where(valid, lp, neg_inf)
         any_valid = valid.any(-1)
-        ptil = prob.float() if prob is not None else _renormalised(lp_in, any_valid)
+        ptil = prob.to(ct) if prob is not None else _renormalised(lp_in, any_valid)
         ce = -(ptil * logq).sum(-1)
         p_in, q = lp_in.exp(), logq.exp()
         alpha = torch.where(valid, torch.minimum(p_in, q), torch.zeros_like(q)).sum(-1)

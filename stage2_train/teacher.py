@@ -6,7 +6,8 @@ at index t reads
 
     hidden    : fused f_t (step 0) or the draft's own step-(k-1) output at t
     embedding : x_{t+k+1}
-    teacher   : cache row t+k+1   (the target's distribution over x_{t+k+2})
+    teacher   : cache row t+k+1   (the target's distribution over x_{t+k+2}: the renormalised
+                teacher idx/prob/top1 and the raw top-K valid/logp the objectives read)
     counted   : loss_mask[t+k+2] == 1 (and, for the loss, the teacher's top-1 in the draft vocab)
     position  : t + k (rotary; applied by the model's ttt_step, schemas.head.POSITION_RULE)
 
@@ -15,6 +16,7 @@ at index t reads
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +58,8 @@ class StepView:
     input_ids: torch.Tensor   # [B, L]    x_{t+k+1}
     idx: torch.Tensor         # [B, L, K] teacher draft ids (row t+k+1)
     prob: torch.Tensor        # [B, L, K] teacher probabilities (row t+k+1)
+    valid: torch.Tensor       # [B, L, K] top-K entry inside the draft vocab (row t+k+1; False past the end)
+    logp: torch.Tensor        # [B, L, K] cached full-vocab log-probs (row t+k+1; -inf past the end)
     top1: torch.Tensor        # [B, L]    teacher top-1 draft id, -1 outside the draft vocab
     counted: torch.Tensor     # [B, L]    loss_mask[t+k+2]: the accuracy denominator
     loss_mask: torch.Tensor   # [B, L]    counted & top-1 inside the draft vocab: loss positions
@@ -65,7 +69,8 @@ def step_view(batch: dict, k: int) -> StepView:
     """Inputs and teacher of TTT step k, aligned to index t (see the module docstring).
 
     `batch` holds right-padded [B, L] tensors input_ids, loss_mask (0 on padding),
-    t_idx, t_prob, t_top1 (from `build_teacher`).
+    t_idx, t_prob, t_top1 (from `build_teacher`) and t_valid, t_logp (the raw top-K,
+    stage2_train.objectives.raw_teacher).
     """
     counted = shift(batch["loss_mask"], k + 2, 0).bool()
     top1 = shift(batch["t_top1"], k + 1, -1)
@@ -73,6 +78,8 @@ def step_view(batch: dict, k: int) -> StepView:
         input_ids=shift(batch["input_ids"], k + 1, 0),
         idx=shift(batch["t_idx"], k + 1, 0),
         prob=shift(batch["t_prob"], k + 1, 0),
+        valid=shift(batch["t_valid"], k + 1, False),
+        logp=shift(batch["t_logp"], k + 1, -math.inf),
         top1=top1,
         counted=counted,
         loss_mask=counted & (top1 >= 0),

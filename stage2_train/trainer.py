@@ -216,7 +216,8 @@ class Plan:
         return {"cache": str(self.reader.root), "cache_id": self.cache_id,
                 "eval_cache": tc.eval_cache, "draft_vocab_size": tc.draft_vocab_size,
                 "vocab_coverage": round(self.vocab.coverage, 6), "ttt_length": tc.ttt_length,
-                "loss_decay": tc.loss_decay, "max_length": self.max_length, "lr": tc.lr, "seed": tc.seed,
+                "loss_decay": tc.loss_decay, "loss": tc.loss, "lk_eta": tc.lk_eta,
+                "max_length": self.max_length, "lr": tc.lr, "seed": tc.seed,
                 "split": {"val_fraction": 0.0 if tc.eval_cache else tc.val_fraction, "seed": tc.seed,
                           "cache_id": self.cache_id, "num_val": int(self.num_val),
                           "num_train": int(len(self.train_idx))},
@@ -567,7 +568,8 @@ def train_step(run: Run, it, step: int) -> tuple[Sums, Optional[float]]:
     for g, b in enumerate(host):
         batch = to_device(b, r.device)
         with compute_context(r.device, run.amp):
-            o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay, loss_tokens=n_tokens)
+            o = ttt_forward(engine.module, batch, tc.ttt_length, tc.loss_decay, objective=tc.loss,
+                            lk_eta=tc.lk_eta, loss_tokens=n_tokens)
         engine.backward(o.loss * (r.world * run.G))
         if g == run.G - 1 and r.rank == 0 and run.zero_stage == 0 and run.dtype == "float32":
             gn = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO / mixed precision
@@ -601,10 +603,13 @@ def log_step(run: Run, step: int, epoch: int, sums: Sums, gn: Optional[float], t
     dt = time.perf_counter() - t0
     loss_k = [a / max(b, 1.0) for a, b in zip(h["loss_sum"], h["loss_n"])]
     acc_k = [a / max(b, 1.0) for a, b in zip(h["correct"], h["counted"])]
+    alpha_k, alpha_hi_k, mass_out_k = ([a / max(b, 1.0) for a, b in zip(h[row], h["counted"])]
+                                       for row in ("alpha_sum", "alpha_hi_sum", "mass_out_sum"))
     if gn is None:
         gn = run.engine.get_global_grad_norm()
     rec = {"step": step, "epoch": epoch, "loss": sum(tc.loss_decay ** k * v for k, v in enumerate(loss_k)),
-           "loss_k": loss_k, "acc_k": acc_k, "lr": float(run.engine.get_lr()[0]),
+           "loss_k": loss_k, "acc_k": acc_k, "alpha_k": alpha_k, "alpha_hi_k": alpha_hi_k,
+           "mass_out_k": mass_out_k, "lr": float(run.engine.get_lr()[0]),
            "grad_norm": float(gn) if gn is not None else None, "tokens": int(h["tokens"]),
            "tokens_per_s": float(h["tokens"]) / max(dt, 1e-9)}
     with (run.out / "metrics.jsonl").open("a") as f:
@@ -612,7 +617,9 @@ def log_step(run: Run, step: int, epoch: int, sums: Sums, gn: Optional[float], t
     if run.wb is not None:
         run.wb.log({"loss": rec["loss"], "lr": rec["lr"], "grad_norm": rec["grad_norm"],
                     "tokens_per_s": rec["tokens_per_s"], **{f"loss_{k}": v for k, v in enumerate(loss_k)},
-                    **{f"acc_{k}": v for k, v in enumerate(acc_k)}}, step=step)
+                    **{f"acc_{k}": v for k, v in enumerate(acc_k)},
+                    **{f"alpha_{k}": v for k, v in enumerate(alpha_k)},
+                    **{f"alpha_hi_{k}": v for k, v in enumerate(alpha_hi_k)}}, step=step)
     if run.bar is not None:
         run.bar.update(1)
         if step % tc.log_every == 0 or step == run.plan.total_steps or step == run.start + 1:

@@ -59,7 +59,7 @@ def random_batch(L=48, n_draft=16, K=4, seed=1):
     mask = torch.rand(1, L, generator=g) < 0.8
     return {"input_ids": torch.randint(100, 100 + n_draft, (1, L), generator=g), "loss_mask": mask,
             "valid": torch.ones(1, L, dtype=torch.bool), "t_idx": t_idx, "t_prob": t_prob,
-            "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
+            "t_valid": torch.ones(1, L, K, dtype=torch.bool), "t_logp": t_prob.log(), "t_top1": t_idx[..., 0], "hidden": torch.randn(1, L, 3 * 32, generator=g).to(torch.bfloat16), "K": K}
 
 
 def test_bf16_autocast_step_matches_fp32():
@@ -87,16 +87,19 @@ def test_bf16_autocast_rounds_only_the_logits_not_the_log_softmax():
     are bf16, but the log-softmax and the soft cross-entropy are computed in fp32 from them
     (autocast leaves log_softmax of a bf16 tensor in bf16 on CPU; losses.py upcasts first).
     Reference: the same bf16 logits, CE in float64."""
-    from stage2_train.losses import chunked_ce
+    from stage2_train.losses import chunked_terms
+    from stage2_train.teacher import StepView
 
     m = tiny_model()
     g = torch.Generator().manual_seed(3)
     out = torch.randn(1, 40, 32, generator=g)
-    idx = torch.randint(0, 16, (1, 40, 4), generator=g)
+    idx = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(40)])[None]
     prob = torch.softmax(torch.randn(1, 40, 4, generator=g), -1)
+    v = StepView(input_ids=None, idx=idx, prob=prob, valid=torch.ones(1, 40, 4, dtype=torch.bool), logp=prob.log(),
+                 top1=None, counted=None, loss_mask=None)
     with torch.no_grad(), compute_context(CPU, torch.bfloat16):
         logits = m.logits(out)
-        ce, top = chunked_ce(m, out, idx, prob)
+        ce, top = chunked_terms(m, out, v)[:2]
     assert logits.dtype == torch.bfloat16
     logp = torch.log_softmax(logits.double(), -1)
     want = -(prob.double() * logp.gather(-1, idx)).sum(-1)

@@ -136,6 +136,9 @@ def test_offline_table_is_capped_and_runs_on_the_device_it_is_given(head_and_cac
     off = offline_table(str(head), cfg, device=torch.device("cpu"))
     assert seen == [torch.device("cpu")] and off["device"] == "cpu" and off["split"] == "all"
     assert off["num_tokens"] == capped["num_tokens"] and off["acc"] == capped["acc"]
+    # stage 3's table carries the acceptance at T = 1 beside acc
+    assert off["alpha"] == capped["alpha"] and off["simulated_tau_t1"] == capped["simulated_tau_t1"]
+    assert "alpha_hi" in off and len(off["alpha"]) == 2
 
 
 def test_slurm_node_reads_slurms_own_variables(monkeypatch):

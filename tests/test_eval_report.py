@@ -111,6 +111,18 @@ def test_offline_markdown_format():
     assert "| 1 | 0.2500 ± 0.3000 | 2.0000 ± 0.7000 |" in md and "std over samples" in md
 
 
+def test_offline_markdown_shows_alpha_beside_acc_and_tau_at_t1():
+    off = {"acc": [0.5, 0.25], "acc_std": [0.1, 0.05], "loss": [1.2, 2.0], "loss_std": [0.3, 0.4],
+           "simulated_tau": 1.625, "cache": "c", "split": "val", "num_samples": 3, "num_tokens": 40,
+           "alpha": [0.6, 0.4], "alpha_hi": [0.65, 0.45], "simulated_tau_t1": 1.84, "simulated_tau_t1_hi": 1.9426}
+    md = offline_markdown(off)
+    assert "| position | acc | alpha [≤ alpha_hi] | loss |" in md
+    assert "| 0 | 0.5000 ± 0.1000 | 0.6000 [0.6500] | 1.2000 ± 0.3000 |" in md
+    assert "| 1 | 0.2500 ± 0.0500 | 0.4000 [0.4500] | 2.0000 ± 0.4000 |" in md
+    assert "simulated τ = 1.625 (greedy, from acc)" in md
+    assert "simulated τ at T = 1 = 1.840 (from alpha; ≤ 1.943 from alpha_hi)" in md
+
+
 def _cfg(setup, **eval_over):
     from schemas.config import load_config
 

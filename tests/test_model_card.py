@@ -59,9 +59,10 @@ def test_export_writes_a_card_with_the_runs_own_figures(tiny_run):
     seen = sum(json.loads(x)["tokens"] for x in (Path(cfg.train.output) / "metrics.jsonl").read_text().splitlines())
     assert f"{tr['total_steps']} steps" in body and f"{seen:,} tokens seen" in body
     # the offline table: the held-out acc_k and simulated tau of the kept step
-    for k, a in enumerate(tr["heldout"]["acc"]):
-        assert f"| {k} | {a:.3f} |" in body
+    for k, (a, al) in enumerate(zip(tr["heldout"]["acc"], tr["heldout"]["alpha"])):
+        assert f"| {k} | {a:.3f} | {al:.3f} |" in body
     assert f"**{tr['heldout']['simulated_tau']:.3f}**" in body
+    assert f"At T = 1: τ = 1 + Σ_k Π_j≤k alpha_j = **{tr['heldout']['simulated_tau_t1']:.3f}**" in body
     # stage 3: the run's report (head/eval/report.json)
     rep = json.loads((Path(cfg.train.output) / "eval" / "report.json").read_text())
     m = rep["heads"][0]["methods"][0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stage2_train.losses import _chunk_ce
+from ce_reference import _chunk_ce
 from stage2_train.objectives import OBJECTIVES, check_objective, chunk_terms, raw_teacher, row_terms
 from stage2_train.teacher import build_teacher
 

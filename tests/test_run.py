@@ -116,7 +116,7 @@ def test_run_produces_cache_head_report_and_second_run_does_no_stage_work(refere
     changed = sorted(k for k in after if before.get(k) != after[k])
     assert changed == [str(d / "run" / "pipeline.json")], changed
     # ...and the summary still prints the report: per-position table, τ, speed-up, lossless.
-    assert "| position | acc | loss |" in res.output
+    assert "| position | acc | alpha [≤ alpha_hi] | loss |" in res.output
     assert "chain: τ = " in res.output and "speed-up = " in res.output and "lossless = yes" in res.output
     assert json.loads((d / "run" / "pipeline.json").read_text())["stages"][1]["status"] == "skipped"
 

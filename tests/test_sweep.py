@@ -46,8 +46,11 @@ def test_sweep_two_vocab_sizes_from_one_cache(tmp_path, tiny_llama_dir):
         assert r["simulated_tau"] == pytest.approx(1 + sum(
             __import__("math").prod(r["acc"][:k + 1]) for k in range(len(r["acc"]))))
         assert r["acc_0"] == r["acc"][0] and r["train_seconds"] > 0
+        assert r["simulated_tau_t1"] == pytest.approx(1 + sum(
+            __import__("math").prod(r["alpha"][:k + 1]) for k in range(len(r["alpha"]))))
     md = (sd / "sweep.md").read_text()
-    assert "| best | draft_vocab_size | acc_0 | simulated τ | measured τ (chain) | train s | head |" in md
+    assert ("| best | draft_vocab_size | acc_0 | simulated τ | simulated τ (T=1) | measured τ (chain) | train s | head |"
+            in md)
     assert md.count("**★**") == 1 and "extract_seconds:" in md
     assert md in res.output
 

@@ -22,6 +22,7 @@ from schemas.head import WEIGHT_KEYS, HeadError, load_head
 from stage2_train.data import split_indices
 from stage2_train.evaluate import load_model, offline_metrics
 from stage2_train.export import engine_layer_ids, export_head
+from stage2_train.losses import simulated_tau
 from stage2_train.trainer import preflight
 from stage2_train.vocab import VocabError
 
@@ -92,7 +93,7 @@ def most_frequent_baseline(cache: Path, idx) -> float:
 
 
 def hand_counted(head: Path, cache: Path, idx, compute_dtype=None) -> dict:
-    """acc_0, acc_1 and the step-0 loss of a head on samples `idx`, counted here sample by sample
+    """acc_0, acc_1, alpha_0, alpha_1 and the step-0 loss of a head on samples `idx`, counted here sample by sample
     through the head's inference path (`step` with a KV cache and an explicit mask), not through
     stage 2's batching, teacher, TTT unroll or evaluate_model.
 
@@ -108,7 +109,7 @@ def hand_counted(head: Path, cache: Path, idx, compute_dtype=None) -> dict:
     r = CacheReader(cache)
     model = load_model(head, r)
     in_draft = model.t2d.numpy()
-    hits, counted, ce_sum, ce_n = [0, 0], [0, 0], 0.0, 0
+    hits, counted, alpha, ce_sum, ce_n = [0, 0], [0, 0], [0.0, 0.0], 0.0, 0
     for i in idx:
         s = r.sample(int(i))
         ids = torch.from_numpy(s["input_ids"].astype(np.int64))[None]
@@ -126,14 +127,18 @@ def hand_counted(head: Path, cache: Path, idx, compute_dtype=None) -> dict:
             out1, _ = model.step(out0[:, :L1], ids[:, 2:], pos[:, :L1] + 1, past=(k0[:, :, :L1], v0[:, :, :L1]),
                                  attn_mask=mask[None, None])
             logits1 = model.logits(out1).double()[0]
+        d_of = np.cumsum(in_draft) - 1  # target id -> draft id inside the draft vocab
         for k, logits in enumerate((logits0, logits1)):
             draft = model.draft_to_target(logits.argmax(-1)).numpy()
+            q = torch.softmax(logits, -1).numpy()
             for t in range(len(draft)):
                 if t + k + 2 < T and lm[t + k + 2]:
                     counted[k] += 1
                     hits[k] += int(draft[t] == tids[t + k + 1, 0])
+                    row = t + k + 1   # Σ min(p, q) over the cached top-K the draft can emit
+                    keep = in_draft[tids[row]]
+                    alpha[k] += float(np.minimum(np.exp(tlps[row][keep]), q[t, d_of[tids[row][keep]]]).sum())
         logp = torch.log_softmax(logits0, -1).numpy()
-        d_of = np.cumsum(in_draft) - 1  # target id -> draft id inside the draft vocab
         for t in range(T - 2):
             row = t + 1
             if not lm[t + 2] or not in_draft[tids[row, 0]]:
@@ -143,7 +148,8 @@ def hand_counted(head: Path, cache: Path, idx, compute_dtype=None) -> dict:
             p /= p.sum()
             ce_sum -= float((p * logp[t, d_of[tids[row][keep]]]).sum())
             ce_n += 1
-    return {"acc": [h / c for h, c in zip(hits, counted)], "loss_0": ce_sum / ce_n, "hits": hits, "counted": counted}
+    return {"acc": [h / c for h, c in zip(hits, counted)], "loss_0": ce_sum / ce_n, "hits": hits, "counted": counted,
+            "alpha": [a / c for a, c in zip(alpha, counted)]}
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +185,15 @@ def test_learns_well_above_most_frequent_token(trained, cache):
     print("hand count", hand)
     np.testing.assert_allclose(held["acc"][:2], hand["acc"], atol=1e-9)
     assert held["loss"][0] == pytest.approx(hand["loss_0"], rel=1e-4)
+    np.testing.assert_allclose(held["alpha"][:2], hand["alpha"], atol=2e-6)
+    assert all(a <= b <= 1 for a, b in zip(held["alpha"], held["alpha_hi"]))
+    assert held["simulated_tau_t1"] == pytest.approx(simulated_tau(held["alpha"]))
+    assert all(len(r["alpha_k"]) == len(r["alpha_hi_k"]) == len(r["mass_out_k"]) == 3 for r in rows)
+    assert np.mean([r["alpha_k"][0] for r in rows[-10:]]) > np.mean([r["alpha_k"][0] for r in rows[:10]]) + 0.1
+    assert "sampling at T = 1" in table
     m = offline_metrics(head, cache, split="val")
     np.testing.assert_allclose(m["acc"], held["acc"], atol=1e-9)
+    np.testing.assert_allclose(m["alpha"], held["alpha"], atol=1e-9)
     assert m["simulated_tau"] == pytest.approx(held["simulated_tau"])
     assert m["num_samples"] == len(val)
 
@@ -227,6 +240,22 @@ def test_export_round_trip(trained, cache, tmp_path):
         engine_layer_ids([0, 15, 27], "sglang", 30)
     with pytest.raises(HeadError, match="layer id 30 .* cannot be captured by vllm"):
         engine_layer_ids([2, 15, 30], "vllm", 30)
+
+
+def test_train_loss_reaches_the_unroll(cache, tmp_path):
+    """train.loss = tv through `eagle3 train`: with a draft vocab of the whole target vocab every counted
+    position is a loss position, so each step's logged loss_k is 1 - alpha_k (it is not under ce)."""
+    V = CacheReader(cache).vocab_size
+    cfg = write_cfg(tmp_path / "tv.yaml", cache, tmp_path / "tv", max_steps=4, val_fraction=0.0, draft_vocab_size=V,
+                    loss="tv", lk_eta=2.0)
+    run(train_cmd(cfg))
+    rows = [json.loads(ln) for ln in (tmp_path / "tv" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for r in rows:
+        np.testing.assert_allclose(r["loss_k"], [1 - a for a in r["alpha_k"]], rtol=1e-5)
+        assert all(h >= a for h, a in zip(r["alpha_hi_k"], r["alpha_k"])) and r["mass_out_k"] == [0.0] * 3
+    tr = json.loads((tmp_path / "tv" / "config.json").read_text())["training"]
+    assert tr["loss"] == "tv" and tr["lk_eta"] == 2.0
 
 
 def test_kill9_then_resume_equals_uninterrupted(cache, tmp_path):

@@ -48,7 +48,7 @@ def six_token_batch():
     t_prob = torch.tensor([[[0.75, 0.25]] * 6])
     return {"input_ids": torch.tensor([X]), "loss_mask": torch.tensor([LM], dtype=torch.bool),
             "valid": torch.ones(1, 6, dtype=torch.bool), "t_idx": t_idx, "t_prob": t_prob,
-            "t_top1": torch.tensor([TOP1]), "hidden": torch.randn(1, 6, 3 * 32).to(torch.bfloat16),
+            "t_valid": torch.ones(1, 6, K, dtype=torch.bool), "t_logp": t_prob.log(), "t_top1": torch.tensor([TOP1]), "hidden": torch.randn(1, 6, 3 * 32).to(torch.bfloat16),
             "K": K}
 
 

@@ -157,12 +157,13 @@ def test_position_rule_recorded_in_head_config():
 def _batch(B, L, V, n_draft, seed=0):
     g = torch.Generator().manual_seed(seed)
     K = 3
-    return {"input_ids": torch.randint(0, V, (B, L), generator=g), "loss_mask": torch.ones(B, L, dtype=torch.bool),
-            "valid": torch.ones(B, L, dtype=torch.bool),
-            "t_idx": torch.randint(0, n_draft, (B, L, K), generator=g),
-            "t_prob": torch.softmax(torch.randn(B, L, K, generator=g), -1),
-            "t_top1": torch.randint(0, n_draft, (B, L), generator=g),
-            "hidden": torch.randn(B, L, 3 * 32, generator=g)}
+    b = {"input_ids": torch.randint(0, V, (B, L), generator=g), "loss_mask": torch.ones(B, L, dtype=torch.bool),
+         "valid": torch.ones(B, L, dtype=torch.bool),
+         "t_idx": torch.randint(0, n_draft, (B, L, K), generator=g),
+         "t_prob": torch.softmax(torch.randn(B, L, K, generator=g), -1),
+         "t_top1": torch.randint(0, n_draft, (B, L), generator=g),
+         "hidden": torch.randn(B, L, 3 * 32, generator=g)}
+    return {**b, "t_valid": torch.ones(B, L, K, dtype=torch.bool), "t_logp": b["t_prob"].log()}
 
 
 def test_unroll_keeps_no_T_by_T_scores_and_no_full_logits_for_backward():
