@@ -2,7 +2,7 @@
 
   python bench/quality.py [--quick] [--engine hf|vllm] [--dtype D] [--eval-dtypes D,D] [--threads N]
                           [--sharegpt N] [--conversations N] [--sweep] [--sweep-steps N] [--epochs N]
-                          [--until regenerate|extract|sweep|train|eval] [--publish NAME|none]
+                          [--eval-prompts N] [--until regenerate|extract|sweep|train|eval] [--publish NAME|none]
                           [--run-dir runs/quality] [--dry-run]          (make quality QUALITY_ARGS=...)
 
 Drives the CLI (`python -m pipeline.cli run|sweep|eval CONFIG key=value ...`). The prompt set
