@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from procs import finish
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = ROOT / "tests" / "device_guard"
@@ -49,15 +50,6 @@ def start(cmd: list, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Wait; on a timeout stop the whole process group (the launcher's workers too)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def train(cfg: Path, *extra, ok: bool = True) -> subprocess.CompletedProcess:

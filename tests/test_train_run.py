@@ -16,6 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from procs import finish
+
 from schemas.cache import CacheError, CacheReader
 from schemas.config import load_config
 from schemas.head import WEIGHT_KEYS, HeadError, load_head
@@ -59,15 +61,8 @@ def train_cmd(cfg: Path, *extra) -> list:
 
 def run(cmd, timeout=240, ok=True):
     """Run in a new session so a timeout can stop the whole tree (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    p = finish(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True), timeout)
     if ok:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
