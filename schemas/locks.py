@@ -456,7 +456,7 @@ class DirLock:
         return not lease_expired_by_clock(rec, self.lease_s)
 
     def _acquire_file(self, wait: bool, deadline: float) -> None:
-        watch, noted = _Watch(), False
+        watch, noted, named = _Watch(), False, None
         if not wait:  # a lease that looks expired is watched for one lease (and a bit) at most
             deadline = time.monotonic() + 1.5 * self.lease_s
         while True:
@@ -469,12 +469,13 @@ class DirLock:
             snap = _snapshot(self.lease_path)
             if snap is None:
                 continue  # released meanwhile
+            named = _record(snap[0]) or named  # a read torn by a network file system keeps the last name seen
             verdict = self._verdict(snap, watch, wait)
             if verdict == "stale":
                 self._take_over(snap)
                 continue
             if verdict == "live" or time.monotonic() > deadline:
-                raise LockBusy(self._busy_message(snap))
+                raise LockBusy(self._busy_message(named))
             if not wait and not noted:
                 noted = True
                 print(f"note: {self.lease_path}: {describe(_record(snap[0]))}: its heartbeat is older than the "
@@ -502,8 +503,7 @@ class DirLock:
         print(f"note: took over the lock {self.lease_path} from {describe(_record(snap[0]))}: its holder is gone",
               file=sys.stderr, flush=True)
 
-    def _busy_message(self, snap) -> str:
-        rec = _record(snap[0])
+    def _busy_message(self, rec: Optional[dict]) -> str:
         owner = _owner_of(rec)
         where = "this host" if owner is not None and owner.local else (owner.host if owner else "an unknown host")
         return (f"{self.path} is locked by {describe(rec)} [lock file {self.lease_path}]. It is taken over "

@@ -36,7 +36,13 @@ def _lease(path: Path, *, host: str = OTHER, pid: int = 4242, beat: int = 0, bea
            "nonce": "remote", "beat": beat, "beat_at": time.time() if beat_at is None else beat_at,
            "lease_s": lease_s}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rec).ljust(1024))
+    # one pwrite of a whole padded record over the old one, as a real holder's heartbeat does: a truncate
+    # and a write would let a reader see an empty lease between the two (that made this test flaky)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, json.dumps(rec).ljust(1024).encode(), 0)
+    finally:
+        os.close(fd)
 
 
 class RemoteHolder:
@@ -240,3 +246,23 @@ def test_a_flock_taker_respects_a_live_lease_of_a_host_that_uses_lock_files(tmp_
         DirLock(p, "here", mode="flock").acquire()
     _lease(p.with_name("cache.lease"), beat_at=time.time() - 3600, lease_s=120)  # long gone
     DirLock(p, "here", mode="flock").acquire().release()
+
+
+def test_a_torn_read_of_the_lease_keeps_the_holders_name_in_the_busy_message(tmp_path, monkeypatch):
+    """A network file system can show a reader a lease mid-update (empty); the error still names the holder."""
+    import schemas.locks as locks
+
+    p = tmp_path / "l"
+    _lease(p.with_name("l.lease"), lease_s=120)
+    real, reads = locks._snapshot, []
+
+    def torn_after_first(path):
+        snap = real(path)
+        reads.append(path)
+        return snap if len(reads) == 1 else (b"", snap[1], snap[2] + len(reads))  # empty, and it "moved"
+
+    monkeypatch.setattr(locks, "_snapshot", torn_after_first)
+    with pytest.raises(LockBusy) as ei:
+        DirLock(p, "waiter", mode="file", lease_s=120, timeout=0.3).acquire(wait=True)
+    assert len(reads) > 1
+    assert f"is locked by pid 4242 on {OTHER} (extract worker 0/1, since" in str(ei.value)
