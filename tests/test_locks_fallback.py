@@ -115,18 +115,20 @@ def test_a_dead_lease_holder_on_this_host_is_taken_over_at_once(tmp_path):
 
 def test_a_live_lease_on_another_host_is_never_taken_over_and_a_silent_one_is(tmp_path, monkeypatch):
     monkeypatch.setenv("EAGLE3_LOCK_SKEW_S", "0.1")
+    # leases of 1 s against a heartbeat every 0.1 s: a loaded CI core stalling the holder thread for a
+    # whole second is what it would take to see a false takeover
     p = tmp_path / "l"
-    with RemoteHolder(p.with_name("l.lease"), lease_s=0.4):
+    with RemoteHolder(p.with_name("l.lease"), lease_s=1.0):
         # its heartbeat looks an hour old by its own (wrong) clock, but it moves: never taken over
         t0 = time.monotonic()
         with pytest.raises(LockBusy, match=rf"locked by pid 4242 on {OTHER} .*remove {p}.lease"):
-            DirLock(p, "waiter", mode="file", lease_s=0.4, timeout=1.5).acquire(wait=True)
+            DirLock(p, "waiter", mode="file", lease_s=1.0, timeout=2.5).acquire(wait=True)
         with pytest.raises(LockBusy):  # the no-wait path watches it for a lease before giving up
-            DirLock(p, "impatient", mode="file", lease_s=0.4).acquire()
-        assert time.monotonic() - t0 >= 1.5
+            DirLock(p, "impatient", mode="file", lease_s=1.0).acquire()
+        assert time.monotonic() - t0 >= 2.5
         assert _record(_snapshot(p.with_name("l.lease"))[0])["nonce"] == "remote"
     # the holder stops beating (its host died): taken over after a whole lease without a heartbeat
-    lock = DirLock(p, "waiter", mode="file", lease_s=0.4, timeout=10).acquire(wait=True)
+    lock = DirLock(p, "waiter", mode="file", lease_s=1.0, timeout=10).acquire(wait=True)
     rec = _record(_snapshot(p.with_name("l.lease"))[0])
     assert rec["pid"] == os.getpid() and rec["nonce"] != "remote"
     lock.release()
