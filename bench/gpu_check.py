@@ -341,7 +341,7 @@ def step_train(run: Run, c1: Path, out: Path, z: dict) -> None:
     run.peak(f"stage 2, 1 rank, T={cfg.train.max_tokens_per_batch}",
              stage2_gpu_bytes(shape, DSPlan.from_json(cfg.train.deepspeed), draft_vocab=cfg.train.draft_vocab_size,
                               tokens=cfg.train.max_tokens_per_batch, seq_len=cfg.train.max_tokens_per_batch,
-                              ttt=cfg.train.ttt_length, world=1)["total"])
+                              ttt=cfg.train.ttt_length, world=1, topk=cfg.extract.topk)["total"])
     rows = [json.loads(x) for x in (Path(cfg.train.output) / "metrics.jsonl").read_text().splitlines()]
     steady = rows[min(3, len(rows) - 1):]
     run.fig(f"training tok/s, 1 rank (steps {len(rows) - len(steady) + 1}..{len(rows)})",

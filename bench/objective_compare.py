@@ -1,6 +1,7 @@
 """The four training objectives (train.loss: ce, tv, lk_alpha, lk_lambda) from one cache, equal steps.
 
     python bench/objective_compare.py CONFIG --steps 2000 [--eval] [--out DIR] [--objectives ce,lk_alpha]
+                                      [--mt-bench N] [--temperatures 0,1]
     python bench/objective_compare.py --quick         # a tiny target and cache, 3 steps each (seconds)
 
 Writes a sweep config beside the output (CONFIG with sweep.grid = {train.loss: [...]} and
@@ -10,6 +11,9 @@ and not retrained), then prints, per objective, from the held-out split: acc_k, 
 expected acceptance at T = 1, a lower bound from the cached top-K; [alpha_hi_k] its upper bound),
 the simulated τ greedy (from acc) and at T = 1 (from alpha), and with --eval the measured τ and
 speed-up of stage 3 at every eval.temperatures entry. objective_compare.json holds the numbers.
+--mt-bench N evaluates on N MT-bench first turns instead of the config's eval prompts, taken
+round-robin over the 8 categories (the file lists them category by category, so its first N would
+be writing and role-play only); --temperatures sets eval.temperatures.
 """
 from __future__ import annotations
 
@@ -46,11 +50,35 @@ def quick_config(work: Path) -> Path:
     return p
 
 
-def sweep_config(config: Path, out: Path, objectives: list[str], steps: int, evaluate: bool) -> Path:
+def mt_bench_first_turns(dest: Path, n: int) -> Path:
+    """N MT-bench first turns, round-robin over the categories, as an eval prompts file."""
+    from quality import DATA, _interleave, _jsonl
+
+    src = DATA / "mt_bench" / "question.jsonl"
+    if not src.exists():
+        raise SystemExit(f"--mt-bench: {src} is missing (the project's shared data)")
+    by_cat: dict[str, list[dict]] = {}
+    for q in _jsonl(src):
+        by_cat.setdefault(q["category"], []).append(q)
+    rows = [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]}
+            for q in _interleave(list(by_cat.values()), n)]
+    dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return dest
+
+
+def sweep_config(config: Path, out: Path, objectives: list[str], steps: int, evaluate: bool,
+                 mt_bench: int | None = None, temperatures: list[float] | None = None) -> Path:
     raw = yaml.safe_load(config.read_text())
     raw.setdefault("train", {})["max_steps"] = steps
-    raw["sweep"] = {"grid": {"train.loss": objectives}, "eval": evaluate, "output": str(out)}
     out.mkdir(parents=True, exist_ok=True)
+    ev = raw.setdefault("eval", {}) or {}
+    raw["eval"] = ev
+    if mt_bench:
+        ev.update(prompts=[str(mt_bench_first_turns(out.parent / f"{out.name}.mt_bench.jsonl", mt_bench))],
+                  max_prompts=mt_bench, max_turns=1)
+    if temperatures:
+        ev["temperatures"] = temperatures
+    raw["sweep"] = {"grid": {"train.loss": objectives}, "eval": evaluate, "output": str(out)}
     p = out.parent / f"{out.name}.sweep.yaml"
     p.write_text(yaml.safe_dump(raw))
     return p
@@ -90,12 +118,22 @@ def main() -> int:
     ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated train.loss values")
     ap.add_argument("--eval", action="store_true", help="also run stage 3 on every head (eval.temperatures)")
     ap.add_argument("--out", default=None, help="sweep dir (default: <train.output>-objectives)")
+    ap.add_argument("--mt-bench", type=int, metavar="N", default=None,
+                    help="evaluate on N MT-bench first turns, all categories round-robin (implies --eval)")
+    ap.add_argument("--temperatures", default=None, help="eval.temperatures, comma-separated (e.g. 0,1)")
     ap.add_argument("--quick", action="store_true", help="tiny target and cache, 3 steps each")
     args = ap.parse_args()
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         ap.error(f"--objectives: unknown {', '.join(bad)}; choose from {', '.join(OBJECTIVES)}")
+    if args.mt_bench is not None and args.mt_bench <= 0:
+        ap.error("--mt-bench: give a positive number of prompts")
+    args.eval = args.eval or bool(args.mt_bench)
+    try:
+        args.temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else None
+    except ValueError:
+        ap.error(f"--temperatures: comma-separated numbers, got {args.temperatures!r}")
     if args.quick:
         with tempfile.TemporaryDirectory(prefix="objective-compare-") as work:  # nothing left behind
             return compare(quick_config(Path(work)), args, objectives, 3)
@@ -108,7 +146,8 @@ def compare(config: Path, args, objectives: list[str], steps: int) -> int:
     from schemas.config import load_config
 
     out = Path(args.out) if args.out else Path(load_config(config).train.output.rstrip("/") + "-objectives")
-    run_sweep(sweep_config(config, out, objectives, steps, args.eval), progress=not args.quick)
+    cfg = sweep_config(config, out, objectives, steps, args.eval, args.mt_bench, args.temperatures)
+    run_sweep(cfg, progress=not args.quick)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     md = (f"# Objectives, {steps} steps each, one cache (held-out split; α = Σ min(p, q) over the cached "
           f"top-K, a lower bound of the acceptance at T = 1)\n\n" + table(rows))

@@ -196,7 +196,7 @@ def check_stage2(work: Path, quick: bool) -> dict:
         got[S] = child(TRAIN_CHILD, cfg, live=True)["peak_above_model"]
         rc = get_config(str(cfg), [])
         plan[S] = stage2_gpu_bytes(shape, DSPlan.from_json(rc.train.deepspeed), draft_vocab=256, tokens=tokens,
-                                   seq_len=tokens, ttt=S, world=1)["total"]
+                                   seq_len=tokens, ttt=S, world=1, topk=8)["total"]
     return [{"what": f"stage-2 memory per rank (fp32, ZeRO-0, {tokens} tokens a micro-batch, TTT {ttt})",
              "plan": plan[ttt], "measured": got[ttt], "goal": None,
              "note": "peak RSS above the head's construction: includes the process's own allocations"},

@@ -347,9 +347,17 @@ def ttt_activation_bytes(s: Shape, *, draft_vocab: int, tokens: int, seq_len: in
     return {"kept": kept, "transient": transient, "total": kept + transient}
 
 
+def stage2_batch_bytes(s: Shape, *, topk: int, tokens: int) -> int:
+    """The micro-batch on the device (stage2_train.data.collate), per token: hidden 3H bf16 (6H),
+    the renormalised teacher t_idx int64 + t_prob fp32 (12K), the raw top-K t_logp fp32 + t_valid
+    bool (5K), input_ids and t_top1 int64, loss_mask and valid bool (18)."""
+    return tokens * (6 * s.hidden + 17 * topk + 18)
+
+
 def stage2_gpu_bytes(s: Shape, ds: DSPlan, *, draft_vocab: int, tokens: int, seq_len: int, ttt: int,
-                     world: int) -> dict:
-    """Per rank: model states under the DeepSpeed config + activations (ttt_activation_bytes).
+                     world: int, topk: int = 64) -> dict:
+    """Per rank: model states under the DeepSpeed config + the micro-batch (stage2_batch_bytes)
+    + activations (ttt_activation_bytes).
 
     P = trainable head parameters, W = ranks (ZeRO partitions over all of them):
         weights  P x (2 bf16 | 4 fp32); the frozen target embedding V x H the same; t2d/d2t buffers
@@ -366,8 +374,9 @@ def stage2_gpu_bytes(s: Shape, ds: DSPlan, *, draft_vocab: int, tokens: int, seq
     buckets = (ds.reduce_bucket + ds.allgather_bucket) * wb if ds.zero_stage >= 2 else 0
     act = ttt_activation_bytes(s, draft_vocab=draft_vocab, tokens=tokens, seq_len=seq_len, ttt=ttt, half=ds.bf16)
     states = weights + grads + optim + buckets
+    batch = stage2_batch_bytes(s, topk=topk, tokens=tokens)
     return {"params": P, "weights": weights, "grads": grads, "optimizer": optim, "buckets": buckets,
-            "activations": act["total"], "states": states, "total": states + act["total"]}
+            "batch": batch, "activations": act["total"], "states": states, "total": states + batch + act["total"]}
 
 
 def stage2_flops_per_token(s: Shape, draft_vocab: int, ttt: int, seq_len: float) -> float:
@@ -428,7 +437,7 @@ def make_plan(cfg, opt: Options) -> Plan:
     ds = DSPlan.from_json(t.deepspeed)
     seq = min(t.max_length or cfg.data.max_length, t.max_tokens_per_batch)
     g2 = stage2_gpu_bytes(shape, ds, draft_vocab=t.draft_vocab_size, tokens=t.max_tokens_per_batch, seq_len=seq,
-                          ttt=t.ttt_length, world=world)
+                          ttt=t.ttt_length, world=world, topk=e.topk)
     context = min(cfg.data.max_length, 2048) + cfg.eval.max_new_tokens
     g3 = stage3_gpu_bytes(shape, dtype_bytes=dtype_bytes, draft_vocab=t.draft_vocab_size, context=context,
                           verify_tokens=max(cfg.eval.total_tokens, cfg.eval.draft_tokens + 1))
@@ -519,7 +528,8 @@ def plan_lines(p: Plan) -> list[tuple[str, str]]:
                         f"+ batch {g(f['stage1_gpu']['activations'])}"),
         ("stage 2 GPU / rank", f"{g(f['stage2_gpu_bytes_per_rank'])} = weights {g(f['stage2_gpu']['weights'])} "
                                f"+ grads {g(f['stage2_gpu']['grads'])} + optimizer {g(f['stage2_gpu']['optimizer'])}"
-                               f" + buckets {g(f['stage2_gpu']['buckets'])} + activations "
+                               f" + buckets {g(f['stage2_gpu']['buckets'])} + batch "
+                               f"{g(f['stage2_gpu']['batch'])} + activations "
                                f"{g(f['stage2_gpu']['activations'])} (ZeRO-{f['stage2_zero_stage']}, "
                                f"{f['stage2_weights']} weights, {f['stage2_gpu']['params'] / 1e6:,.0f}M params)"),
         ("stage 3 GPU", f"{g(f['stage3_gpu_bytes'])} = weights {g(f['stage3_gpu']['weights'])} "

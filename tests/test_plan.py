@@ -153,3 +153,27 @@ def test_cache_bytes_against_a_real_cache(tmp_path, smollm2_target, shared_data)
     assert p.returncode == 0, p.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert abs(row["ratio"] - 1) <= 0.05, row
+
+
+def test_stage2_batch_bytes_are_the_bytes_of_a_collated_micro_batch():
+    """The plan's micro-batch term against the tensors stage 2's collate really hands the device."""
+    import numpy as np
+
+    from pipeline.plan import stage2_batch_bytes
+    from stage2_train.data import collate
+
+    rng = np.random.default_rng(0)
+    H, K, V = 48, 16, 500
+    t2d = np.full(V, -1, dtype=np.int64)
+    t2d[:300] = np.arange(300)
+    lengths = [37, 64, 50]
+    samples = [{"input_ids": rng.integers(0, V, n), "loss_mask": rng.integers(0, 2, n).astype(np.uint8),
+                "hidden": rng.integers(0, 2**15, (n, 3, H)).astype(np.uint16),
+                "topk_ids": np.stack([rng.permutation(V)[:K] for _ in range(n)]).astype(np.int32),
+                "topk_logprobs": np.sort(rng.normal(-5, 2, (n, K)), axis=1)[:, ::-1].astype(np.float16)}
+               for n in lengths]
+    batch = collate(samples, t2d)
+    got = sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+    padded = len(lengths) * max(lengths)  # collate pads every row to the longest
+    assert got == stage2_batch_bytes(Shape("llama", hidden=H, layers=2, heads=4, kv_heads=4, head_dim=H // 4,
+                                           intermediate=4 * H, vocab=V, tied=True), topk=K, tokens=padded)
