@@ -26,6 +26,9 @@ SHARD_JSON = "shard.json"
 MANIFEST = "manifest.parquet"
 TARGET_DIR = "target"
 EMBED_FILE = "embed_tokens.safetensors"
+# The target's output head: lm_head rows [V, H] with the logit scaling folded in, and the final
+# norm's effective weight [H]; stage 2 starts the head's lm_head and norm from them (train.lm_head_init).
+LM_HEAD_FILE = "lm_head.safetensors"
 
 # name -> (stored numpy dtype, logical dtype, trailing shape key)
 ARRAYS: dict[str, tuple[str, str]] = {
@@ -506,6 +509,14 @@ class CacheReader:
         if not p.is_file():
             raise CacheError(f"{p} is missing: the cache cannot train a head without it")
         return load_file(str(p))["weight"]
+
+    def load_lm_head(self) -> Optional[dict]:
+        """{"weight": [V, H], "norm": [H]} of the target's output head (stage 1's LM_HEAD_FILE), None for
+        a cache written before stage 1 kept it."""
+        from safetensors.torch import load_file
+
+        p = self.target_dir() / LM_HEAD_FILE
+        return load_file(str(p)) if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- verification

@@ -86,8 +86,8 @@ def _our_target_dir(p: Path) -> bool:
         files = [f.name for f in p.iterdir()]
     except OSError:
         return False
-    weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
-    return "embed_tokens.safetensors" in files and weights == ["embed_tokens.safetensors"]
+    weights = {f for f in files if f.endswith(WEIGHT_SUFFIXES)}
+    return "embed_tokens.safetensors" in files and weights <= {"embed_tokens.safetensors", "lm_head.safetensors"}
 
 
 def _by_config(path: Path, cfg: Path) -> Optional[DirKind]:

@@ -38,8 +38,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from schemas.cache import (
-    CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest, committed_shards,
-    file_sha256, read_cache_json,
+    CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, LM_HEAD_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest,
+    committed_shards, file_sha256, read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
 from schemas.dirkind import ensure_writable, mark
@@ -683,10 +683,38 @@ def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float, record
     w = model.get_input_embeddings().weight.detach().to("cpu").contiguous().clone()
     # the raw matrix; the model multiplies it by embed_scale (also in cache.json)
     save_file({"weight": w}, str(tmp / EMBED_FILE), metadata={"embed_scale": repr(float(scale))})
+    head = output_head(model)
+    if head is not None:
+        save_file(head, str(tmp / LM_HEAD_FILE))
     try:
         os.rename(tmp, final)
     except OSError:  # another worker won the race
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def output_head(model) -> Optional[dict]:
+    """The target's output head as stage 2 starts its own from it: {"weight": lm_head rows [V, H] with
+    the logit scaling folded in (MiniCPM divides the last hidden by hidden_size / dim_model_base),
+    "norm": the final norm's effective weight [H]}. The norm is read by applying it to a vector of
+    ones, so Llama's RMSNorm (w) and Gemma's (1 + w) both come out as the factor they apply (up to
+    1/sqrt(1 + eps)). None when the model has no output embedding or final norm to read."""
+    import torch
+
+    out = model.get_output_embeddings()
+    decoder = getattr(model, "model", None)
+    norm = getattr(decoder, "norm", None)
+    if out is None or norm is None or getattr(out, "weight", None) is None:
+        return None
+    w = out.weight.detach()
+    c = model.config
+    scaling = getattr(c, "logits_scaling", None)
+    if scaling is None and getattr(c, "dim_model_base", None):
+        scaling = c.hidden_size / c.dim_model_base
+    with torch.no_grad():
+        ones = torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device)
+        eff = norm(ones).reshape(-1)
+    weight = (w.float() / float(scaling or 1.0)).to(w.dtype)
+    return {"weight": weight.to("cpu").contiguous(), "norm": eff.to("cpu", w.dtype).contiguous()}
 
 
 # --------------------------------------------------------------------------- the run

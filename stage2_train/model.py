@@ -126,6 +126,20 @@ class Eagle3Draft(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(weight.to(self.embed_tokens.weight.dtype))
 
+    def init_output_from(self, weight: torch.Tensor, norm: Optional[torch.Tensor] = None) -> None:
+        """lm_head = the target's output rows of the draft vocab (weight [V, H]); final norm = the
+        target's (norm [H]): the head then starts out predicting with the target's own output layer.
+        Call after set_vocab_map."""
+        n, h = self.lm_head.weight.shape
+        if weight.shape[1] != h or (norm is not None and norm.shape != (h,)):
+            raise ValueError(f"the target's output head is {tuple(weight.shape)} (norm "
+                             f"{None if norm is None else tuple(norm.shape)}); this head's lm_head is {(n, h)}")
+        rows = self.draft_to_target(torch.arange(n, device=self.d2t.device))
+        with torch.no_grad():
+            self.lm_head.weight.copy_(weight[rows.to(weight.device)].to(self.lm_head.weight.dtype))
+            if norm is not None:
+                self.norm.weight.copy_(norm.to(self.norm.weight.dtype))
+
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t.to(torch.int64))
         self.t2d.copy_(t2d.to(torch.bool))

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,7 @@ class Plan:
                 "eval_cache": tc.eval_cache, "draft_vocab_size": tc.draft_vocab_size,
                 "vocab_coverage": round(self.vocab.coverage, 6), "ttt_length": tc.ttt_length,
                 "loss_decay": tc.loss_decay, "loss": tc.loss, "lk_eta": tc.lk_eta,
+                "lm_head_init": tc.lm_head_init,
                 "max_length": self.max_length, "lr": tc.lr, "seed": tc.seed,
                 "split": {"val_fraction": 0.0 if tc.eval_cache else tc.val_fraction, "seed": tc.seed,
                           "cache_id": self.cache_id, "num_val": int(self.num_val),
@@ -430,7 +432,29 @@ def build_model(run: Run) -> Eagle3Draft:
                          f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
     model.set_embedding(emb)
     model.set_vocab_map(torch.from_numpy(run.plan.vocab.d2t), torch.from_numpy(run.plan.vocab.t2d))
+    if run.tc.lm_head_init == "target":
+        init_output_head(run, model, emb)
     return model
+
+
+def init_output_head(run: Run, model: Eagle3Draft, emb: torch.Tensor) -> None:
+    """train.lm_head_init = target: the head's lm_head and final norm from the target's (the cache's
+    lm_head.safetensors; a cache written before stage 1 kept it still has the embedding, which is the
+    output head of a target with tied embeddings)."""
+    r = run.plan.reader
+    head = r.load_lm_head()
+    if head is None and r.target_config().get("tie_word_embeddings"):
+        head = {"weight": emb}
+    if head is None:
+        if run.ranks.rank == 0:
+            print(f"[stage 2] note: {r.target_dir()} has no lm_head.safetensors (a cache written before stage 1 "
+                  f"kept the target's output head) and the target's embeddings are not tied: the lm_head starts "
+                  f"random (train.lm_head_init=target needs it)", file=sys.stderr, flush=True)
+        return
+    try:
+        model.init_output_from(head["weight"], head.get("norm"))
+    except ValueError as e:
+        raise TrainError(f"train.lm_head_init=target: {e}") from None
 
 
 def start_engine(run: Run) -> None:
