@@ -74,6 +74,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# train.* fields added after heads were trained without them, with the value that is what those heads
+# did: at that value they stay out of the fingerprint, so a finished head is not retrained after an upgrade.
+TRAIN_FIELDS_ADDED = {"lm_head_init": "random"}
+
+
 def fingerprint(cfg: RunConfig, stage: str) -> str:
     """What a stage's result depends on (performance knobs such as batch sizes are left out)."""
     c = cfg.model_dump(mode="json")
@@ -92,7 +97,8 @@ def fingerprint(cfg: RunConfig, stage: str) -> str:
         return _digest([t, data, ex, files, up])
     if stage == "train":
         tr = {k: v for k, v in c["train"].items() if k not in ("log_every", "num_workers", "report_to",
-                                                               "wandb_project")}
+                                                               "wandb_project")
+              and not (k in TRAIN_FIELDS_ADDED and v == TRAIN_FIELDS_ADDED[k])}
         return _digest([fingerprint(cfg, "extract"), tr])
     if stage == "eval":
         ev = c["eval"]

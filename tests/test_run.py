@@ -132,6 +132,29 @@ def test_changed_settings_rerun_the_stage(reference_run, tmp_path):
     assert stage_done(other, "extract") and not stage_done(other, "train") and not stage_done(other, "eval")
 
 
+def test_a_train_field_added_later_keeps_finished_heads_finished(reference_run, monkeypatch):
+    """A head trained before train.lm_head_init existed did what lm_head_init=random does: upgrading must
+    not retrain it (its marker's fingerprint was computed from a train section without the field)."""
+    from pipeline.run import fingerprint, stage_done
+    from schemas.config import RunConfig, load_config
+
+    d, cfg, _ = reference_run
+    now = fingerprint(cfg, "train")
+    dump = RunConfig.model_dump
+
+    def before_the_field(self, **kw):
+        c = dump(self, **kw)
+        c["train"].pop("lm_head_init")
+        return c
+
+    monkeypatch.setattr(RunConfig, "model_dump", before_the_field)
+    assert fingerprint(cfg, "train") == now and stage_done(cfg, "train")
+    monkeypatch.undo()
+    other = load_config(raw={**cfg.model_dump(mode="json"),
+                             "train": {**cfg.train.model_dump(mode="json"), "lm_head_init": "target"}})
+    assert fingerprint(other, "train") != now and not stage_done(other, "train")
+
+
 # A harness that slows one stage down so the test can kill the run inside it, deterministically.
 HARNESS = """
 import sys, time
