@@ -26,7 +26,7 @@ QUICK = [
     ("bench_verify.py --quick", ()),
     ("ttt_memory.py --quick", ()),
     ("stage_dtypes.py --quick --run-root {tmp}/stage-dtypes", ()),
-    ("quality.py --quick --dry-run --run-dir {tmp}/quality", ()),  # issue 21 owns quality.py
+    ("quality.py --quick --dry-run --run-dir {tmp}/quality", (pytest.mark.shared_data,)),  # issue 21's
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
     ("nonfinite_cost.py --quick", ()),
     ("objective_compare.py --quick", ()),
@@ -53,6 +53,8 @@ def run_script(cmd: str, tmp: Path, timeout: int = 900, **env_extra) -> subproce
 def test_bench_script_quick_mode(cmd, tmp_path, request):
     if "vllm" in request.node.keywords:
         request.getfixturevalue("vllm_python")  # skips (fails in CI) without the engine venv
+    if "shared_data" in request.node.keywords:
+        request.getfixturevalue("shared_data")  # skips where ../shared/data is absent
     p = run_script(cmd, tmp_path)
     assert p.returncode == 0, f"{cmd}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
 
