@@ -329,7 +329,7 @@ def prepare_load(hf_dir, trust_remote_code: bool) -> bool:
 
 def remote_code_failure(exc: BaseException, hf_dir) -> Optional[str]:
     """A message for remote modelling code that fails to import or run on this transformers
-    (MiniCPM4's imports transformers.modeling_attn_mask_utils, gone in transformers 5)."""
+    (MiniCPM4's imports transformers.modeling_attn_mask_utils, absent from transformers 5.0-5.24)."""
     import json
     from pathlib import Path
 

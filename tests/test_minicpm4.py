@@ -244,18 +244,20 @@ def test_sparse_config_warns_and_runs_dense(tmp_path):
 
 
 def test_remote_code_that_fails_to_import_is_explained(tmp_path):
-    """MiniCPM4's remote code imports transformers.modeling_attn_mask_utils (gone in 5.x)."""
+    """MiniCPM4's remote code imports transformers.modeling_attn_mask_utils, which transformers 5.0-5.24
+    lack (5.25 brought it back): the fake remote code imports a module no version has, so the test
+    does not depend on which transformers pip picks."""
     d = _write_cfg(tmp_path, auto_map={"AutoConfig": "configuration_minicpm.MiniCPMConfig",
                                        "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"})
     (d / "configuration_minicpm.py").write_text(
         "from transformers import LlamaConfig\n\nclass MiniCPMConfig(LlamaConfig):\n    model_type = 'minicpm'\n")
     (d / "modeling_minicpm.py").write_text(
-        "from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask\n"
+        "from transformers.eagle3_module_no_version_has import _prepare_4d_causal_attention_mask\n"
         "from transformers import LlamaForCausalLM\n\nclass MiniCPMForCausalLM(LlamaForCausalLM):\n    pass\n")
     with pytest.raises(TargetError) as e:
         load_target(TargetConfig(path=str(d), dtype="float32", device="cpu", trust_remote_code=True))
     msg = str(e.value)
-    assert "transformers.modeling_attn_mask_utils" in msg
+    assert "import of 'transformers.eagle3_module_no_version_has' failed" in msg
     assert "trust_remote_code: false" in msg and "native MiniCPM4" in msg
     # and the same directory loads natively without remote code
     model, _, _ = load_target(TargetConfig(path=str(d), dtype="float32", device="cpu", trust_remote_code=False))
