@@ -705,16 +705,16 @@ def output_head(model) -> Optional[dict]:
     norm = getattr(decoder, "norm", None)
     if out is None or norm is None or getattr(out, "weight", None) is None:
         return None
-    w = out.weight.detach()
+    w = out.weight.detach().to("cpu")  # on the host: no fp32 copy of a [V, H] matrix on the GPU
     c = model.config
     scaling = getattr(c, "logits_scaling", None)
     if scaling is None and getattr(c, "dim_model_base", None):
         scaling = c.hidden_size / c.dim_model_base
+    nw = norm.weight
     with torch.no_grad():
-        ones = torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device)
-        eff = norm(ones).reshape(-1)
-    weight = (w.float() / float(scaling or 1.0)).to(w.dtype)
-    return {"weight": weight.to("cpu").contiguous(), "norm": eff.to("cpu", w.dtype).contiguous()}
+        eff = norm(torch.ones(1, w.shape[1], dtype=nw.dtype, device=nw.device)).reshape(-1)
+    weight = (w.float() / float(scaling)).to(w.dtype) if scaling else w
+    return {"weight": weight.contiguous(), "norm": eff.to("cpu", w.dtype).contiguous()}
 
 
 # --------------------------------------------------------------------------- the run
