@@ -52,16 +52,12 @@ def quick_config(work: Path) -> Path:
 
 def mt_bench_first_turns(dest: Path, n: int) -> Path:
     """N MT-bench first turns, round-robin over the categories, as an eval prompts file."""
-    from quality import DATA, _interleave, _jsonl
+    from quality import DATA, mt_bench_first_turns
 
     src = DATA / "mt_bench" / "question.jsonl"
     if not src.exists():
         raise SystemExit(f"--mt-bench: {src} is missing (the project's shared data)")
-    by_cat: dict[str, list[dict]] = {}
-    for q in _jsonl(src):
-        by_cat.setdefault(q["category"], []).append(q)
-    rows = [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]}
-            for q in _interleave(list(by_cat.values()), n)]
+    rows = mt_bench_first_turns(n)
     dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return dest
 

@@ -195,6 +195,16 @@ def _interleave(sources: list[list[dict]], n: int) -> list[dict]:
     return out
 
 
+def mt_bench_first_turns(n: int) -> list[dict]:
+    """N MT-bench first turns (id mt-<question_id>-<category>), round-robin over the categories: the file
+    lists them category by category, so any N keeps all 8."""
+    by_cat: dict[str, list[dict]] = {}
+    for q in _jsonl(DATA / "mt_bench" / "question.jsonl")[:MT_EVAL]:
+        by_cat.setdefault(q["category"], []).append(q)
+    return [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]}
+            for q in _interleave(list(by_cat.values()), n)]
+
+
 def prompt_sets(sz: "Sizes") -> tuple[list[dict], list[dict], list[dict]]:
     """(training prompts, MT-bench eval rows, GSM8K eval rows), deterministic.
 
@@ -234,12 +244,7 @@ def prompt_sets(sz: "Sizes") -> tuple[list[dict], list[dict], list[dict]]:
         k += 1
     multi = sharegpt_conversations(sz.sharegpt, sz.sharegpt_turns, sz.human_chars, held) if sz.sharegpt else []
     train = _interleave([s for s in (multi, mixed) if s], len(multi) + len(mixed))
-    # interleaved by category, so that eval.max_prompts (--eval-prompts) keeps every category
-    by_cat: dict[str, list[dict]] = {}
-    for q in mt_all[:MT_EVAL]:
-        by_cat.setdefault(q["category"], []).append(q)
-    mt = _interleave(list(by_cat.values()), MT_EVAL)
-    mt_rows = [{"id": f"mt-{q['question_id']}-{q['category']}", "prompt": q["turns"][0]} for q in mt]
+    mt_rows = mt_bench_first_turns(MT_EVAL)  # by category, so that --eval-prompts keeps every category
     gsm_rows = [{"id": f"gsm8k-eval-{len(gsm) - GSM8K_EVAL + i}", "question": r["question"]}
                 for i, r in enumerate(gsm_eval)]
     return train, mt_rows, gsm_rows
