@@ -63,6 +63,17 @@ MT-bench's real τ stays well below the simulated one (1.40 vs 1.90): its questi
 role-play, extraction, STEM) are far from the training mix (AlpacaEval, GSM8K), while the
 GSM8K questions match it and reach the simulated τ. More epochs and more varied prompts are the
 levers; the cost of a cycle (report.md, "Cost of a cycle") says what τ a gain needs.
+
+## Measured, ShareGPT mix (2026-12-03, Intel Xeon, 2 quiet cores with AVX512-BF16 + AMX)
+
+`--engine vllm --dtype bfloat16 --threads 2 --conversations 640 --epochs 5 --eval-dtypes bfloat16
+--eval-prompts 40 --eval-engine both --publish sharegpt-640` (bench/results/sharegpt-640.md), 80 min:
+regeneration 709 s (640 conversations, 1,108 answers), extraction 324 s (323,905 tokens), training
+2,208 s (542 steps, 1.54M tokens, ~700 tok/s), evaluation 1,544 s. Held-out acc_0 0.354 / 0.394 /
+0.409 at 0.57 / 1.14 / 1.54M tokens (simulated τ 1.51 / 1.62 / 1.66): about +0.04 acc_0 per
+doubling of training tokens. MT-bench (40 first turns) chain τ 1.39 (1.04×), tree 1.70 (1.05×);
+GSM8K chain 1.69 (1.26×), tree 2.24 (1.37×). MT-bench still trails the simulated τ (1.39 vs 1.66),
+less than with issue 13's mix (1.40 vs 1.90): the ShareGPT conversations are closer to it.
 """
 from __future__ import annotations
 
