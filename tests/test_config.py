@@ -34,9 +34,9 @@ def test_overrides_coerce_types():
     assert cfg.train.model_overrides == {"rope_theta": 10000}
     # An override wins over the file's value; untouched keys keep theirs.
     plain = load_config(ROOT / "configs" / "demo.yaml")
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.lr=2e-3", "data.max_length=256"])
-    assert plain.train.lr != 2e-3 and plain.data.max_length != 256
-    assert cfg.train.lr == 2e-3 and cfg.data.max_length == 256 and cfg.train.epochs == plain.train.epochs
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.lr=3e-3", "data.max_length=256"])
+    assert plain.train.lr != 3e-3 and plain.data.max_length != 256
+    assert cfg.train.lr == 3e-3 and cfg.data.max_length == 256 and cfg.train.epochs == plain.train.epochs
 
 
 @pytest.mark.parametrize("overrides, raw, expected", [
