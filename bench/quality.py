@@ -560,15 +560,16 @@ def rates(run: Path, sz: Sizes, calls: list[dict]) -> str:
     c = cache_summary(run / "cache") or {}
     tok, ans = c.get("tokens") or 0, c.get("loss_tokens") or 0
     per_sample = tok / max(c.get("samples") or 1, 1)
-    work = {"run regenerate": ans, "run extract": tok,
-            "sweep": int(grid_size(sz) * sz.sweep_steps * sz.micro_batch * per_sample),
-            "run final": tok * sz.final_epochs}
+    head_tok = int(sz.sweep_steps * sz.micro_batch * per_sample)   # one sweep head's training tokens
+    work = {"run regenerate": ans, "run extract": tok, "run final": tok * sz.final_epochs}
     lines = [f"cache: {c.get('samples')} samples, {tok:,} tokens ({ans:,} answer tokens)", "",
              "| call | tokens (approx.) | wall s | CPU s | load | tok/s wall | tok/s per CPU s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for cl in calls:
         key = "run final" if cl["command"].startswith("run") and "final" in cl.get("config", "") else cl["command"]
         n = next((v for k, v in work.items() if key.startswith(k)), None)
+        if key == "sweep":  # each stage's own heads (one "train" per head it trained)
+            key, n = f"sweep ({cl.get('config', '')})", head_tok * len(cl.get("ran") or [])
         if cl["command"].startswith("eval") or n is None or not cl.get("ran"):
             note = "" if cl["command"].startswith("eval") or cl.get("ran") else " (skipped: done before)"
             lines.append(f"| {cl['command']}{note} | – | {cl['wall_s']} | {cl['cpu_s']} | {cl['load1']} | – | – |")

@@ -65,6 +65,22 @@ def test_written_prompts_escape_line_separators_that_splitlines_would_break(tmp_
     assert quality.escape_line_breaks(r) == 0                          # nothing left: file untouched
 
 
+def test_rates_count_each_sweep_stage_by_the_heads_it_trained(monkeypatch, tmp_path):
+    # Was: every sweep row carried the whole sweep's tokens (10 heads), so a 2-head stage showed 5x its rate.
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "cache_summary", lambda _: {"samples": 10, "tokens": 5000, "loss_tokens": 3000})
+    sz = quality.Sizes(sweep_steps=60, micro_batch=8, final_epochs=5)
+    calls = [{"command": "sweep", "config": "sweep-lr", "ran": ["train"] * 3, "wall_s": 100.0, "cpu_s": 200.0,
+              "load1": 2.0},
+             {"command": "sweep", "config": "sweep-ttt", "ran": ["train"] * 2, "wall_s": 100.0, "cpu_s": 200.0,
+              "load1": 2.0}]
+    rows = [r for r in quality.rates(tmp_path, sz, calls).splitlines() if r.startswith("| sweep")]
+    # one head: 60 steps x 8 samples x 500 tokens a sample = 240,000 tokens
+    assert rows == ["| sweep (sweep-lr) | 720,000 | 100.0 | 200.0 | 2.0 | 7,200 | 3,600 |",
+                    "| sweep (sweep-ttt) | 480,000 | 100.0 | 200.0 | 2.0 | 4,800 | 2,400 |"]
+
+
 def test_sweep_ranks_by_tau_over_the_served_depth(tmp_path):
     """TTT 7's two extra positions would win on the full simulated τ; τ@5 ranks the heads as served."""
     rows = [{"name": "ttt_length-5", "train.ttt_length": 5, "finished": True, "acc": [0.6, 0.5, 0.45, 0.4, 0.38],
