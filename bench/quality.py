@@ -74,6 +74,12 @@ regeneration 709 s (640 conversations, 1,108 answers), extraction 324 s (323,905
 doubling of training tokens. MT-bench (40 first turns) chain τ 1.39 (1.04×), tree 1.70 (1.05×);
 GSM8K chain 1.69 (1.26×), tree 2.24 (1.37×). MT-bench still trails the simulated τ (1.39 vs 1.66),
 less than with issue 13's mix (1.40 vs 1.90): the ShareGPT conversations are closer to it.
+
+The same cache with `--sweep --eval-prompts 80 --eval-engine hf --publish sharegpt-640-sweep`
+(bench/results/sharegpt-640-sweep.md; 78 min: sweep 50 min, evaluation 27 min): ten 60-step heads
+kept lr 1e-3, warmup 0.02, draft vocab 8000, TTT 5 (simulated τ 1.286; the others 1.228 to 1.281;
+vocab 32000 and TTT 7 cost 3.3x and 1.5x a head), i.e. the head above; all 80 MT-bench first turns:
+chain τ 1.38 (1.04×), tree 1.69 (1.05×), per category in the report.
 """
 from __future__ import annotations
 
