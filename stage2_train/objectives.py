@@ -39,7 +39,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from stage2_train.gathered_log_softmax import gathered_log_softmax
 
 OBJECTIVES = ("ce", "tv", "lk_alpha", "lk_lambda")
 DEFAULT_LK_ETA = 3.0
@@ -89,14 +90,12 @@ def row_terms(logits: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, logp
     0..N-1, e.g. 0, where not valid; the valid entries are distinct); valid [..., K] bool; logp [..., K] the cached
     log-probs under the target's full-vocab softmax (−inf allowed, e.g. padding); prob [..., K]
     optional p~ as the data loader built it (stage2_train.teacher.build_teacher): given, ce uses it
-    as is, bit for bit today's loss; else p~ is rebuilt from logp.
+    as is; else p~ is rebuilt from logp.
     """
     check_objective(objective, eta)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         ct = torch.promote_types(logits.dtype, torch.float32)  # fp32; fp64 for a float64 head (tests)
-        logq_all = F.log_softmax(logits.to(ct), dim=-1)
-        top1 = logq_all.argmax(-1)
-        logq = logq_all.gather(-1, idx)                                   # [..., K]
+        logq, top1 = gathered_log_softmax(logits, idx)                    # [..., K], [...]
         lp = logp.to(ct)
         neg_inf = torch.full_like(lp, -math.inf)
         lp_in = torch.where(valid, lp, neg_inf)

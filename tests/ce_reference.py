@@ -1,5 +1,6 @@
 """The soft-CE training path as it was before train.loss existed (main at 21d6c0a), frozen here as
-the reference that `train.loss: ce` must reproduce bit for bit (loss and gradients)."""
+the reference that `train.loss: ce` must reproduce (loss and gradients): bit for bit until the fused
+gathered log-softmax (stage2_train/gathered_log_softmax.py), to fp32 rounding since."""
 from __future__ import annotations
 
 import torch

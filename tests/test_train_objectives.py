@@ -1,6 +1,6 @@
 """train.loss in the TTT unroll (issue 24): the cached top-K reaches the objectives shifted per TTT
 step, every objective is weighted by today's position decay and the global count of loss tokens,
-ce is today's loss bit for bit, and the logged acceptance is Σ_v min(p, q).
+ce is the old soft CE to fp32 rounding, and the logged acceptance is Σ_v min(p, q).
 
 References written here: the old soft-CE path (tests/ce_reference.py, main before train.loss), and an
 unroll over full distributions: p over the tiny target's whole vocabulary (V <= K, so the cache is
@@ -137,9 +137,12 @@ def test_alpha_bounds_bracket_the_true_acceptance_when_the_cache_holds_part_of_p
 
 @pytest.mark.parametrize("chunk", [6, 2048])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_ce_is_bit_identical_to_the_path_before_train_loss(chunk, amp):
-    """train.loss = ce: the loss, every gradient and the old sums, bit for bit, fp32 and under bf16
-    autocast, with and without checkpointed loss chunks, with the trainer's global token count."""
+def test_ce_matches_the_path_before_train_loss(chunk, amp):
+    """train.loss = ce: the loss, every gradient and the old sums of the log_softmax-then-gather path,
+    fp32 and under bf16 autocast, with and without checkpointed loss chunks, with the trainer's global
+    token count. The fused gathered log-softmax rounds differently in fp32 only: the counts are exact,
+    the loss agrees to fp32 rounding, and the gradients to fp32 rounding (bf16 rounding of the
+    matmuls' gradient inputs under autocast)."""
     samples, _ = make_samples(2, k=8)
     batch = collate(samples, t2d())
     n_tok = loss_token_counts(batch, S) * 3  # as if the step had other micro-batches
@@ -155,9 +158,13 @@ def test_ce_is_bit_identical_to_the_path_before_train_loss(chunk, amp):
         loss.backward()
         out[name] = (loss.detach(), sums, grads(m))
     (l1, s1, g1), (l0, s0, g0) = out["new"], out["old"]
-    assert torch.equal(l1, l0)
-    assert all(torch.equal(s1[k], s0[k]) for k in s0)
-    assert g1.keys() == g0.keys() and all(torch.equal(g1[k], g0[k]) for k in g0)
+    torch.testing.assert_close(l1, l0, rtol=2e-6, atol=0)
+    torch.testing.assert_close(s1["loss_sum"], s0["loss_sum"], rtol=2e-6, atol=0)
+    assert all(torch.equal(s1[k], s0[k]) for k in ("loss_n", "correct", "counted"))
+    tol = dict(rtol=2e-5, atol=1e-7) if amp is None else dict(rtol=2e-2, atol=2e-5)
+    assert g1.keys() == g0.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], **tol, msg=k)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
