@@ -7,8 +7,8 @@
 
 One process, the same batches and the same initial weights for every variant, alternated round
 by round so a shared machine's load hits all alike (each variant keeps its own AdamW state):
-* before     stage2_train/model.py + ttt_attention.py as of --baseline (git show into a temp
-             dir; the loss, stage2_train/losses.py, is today's for both);
+* before     stage2_train/model.py, ttt_attention.py and losses.py as of --baseline (git show into
+             a temp dir): the whole step as it was, log-softmax included;
 * after      this checkout;
 * specforge  SpecForge 0.2.0's draft model doing its TTT step, in its own venv
              (bench/specforge_step_worker.py says how it runs on a CPU), one subprocess a point.
@@ -49,7 +49,7 @@ SMOLLM2 = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, he
 TINY = dict(SMOLLM2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
             vocab_size=512)
 WORKER = Path(__file__).with_name("specforge_step_worker.py")
-BASE_FILES = ("stage2_train/ttt_attention.py", "stage2_train/model.py")
+BASE_FILES = ("stage2_train/ttt_attention.py", "stage2_train/model.py", "stage2_train/losses.py")
 
 
 # --------------------------------------------------------------------------- models and batches
@@ -60,7 +60,8 @@ def head_config(target: dict, n_draft: int) -> dict:
 
 
 def load_baseline(rev: str, tmp: Path):
-    """stage2_train/model.py of `rev`, importing `rev`'s ttt_attention (module names bench_base_*)."""
+    """(Eagle3Draft, ttt_forward) of `rev`: its model.py importing its ttt_attention, and its losses.py
+    (module names bench_base_*; the data side, stage2_train.teacher, is today's)."""
     for f in BASE_FILES:
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{f}"], capture_output=True, text=True)
         if src.returncode != 0:
@@ -69,10 +70,12 @@ def load_baseline(rev: str, tmp: Path):
         text = src.stdout.replace("from stage2_train.ttt_attention import", "from bench_base_ttt_attention import")
         (tmp / ("bench_base_" + Path(f).name)).write_text(text)
     sys.path.insert(0, str(tmp))
-    spec = importlib.util.spec_from_file_location("bench_base_model", tmp / "bench_base_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.Eagle3Draft
+    mods = {}
+    for name in ("model", "losses"):
+        spec = importlib.util.spec_from_file_location(f"bench_base_{name}", tmp / f"bench_base_{name}.py")
+        mods[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(mods[name])
+    return mods["model"].Eagle3Draft, mods["losses"].ttt_forward
 
 
 def initial_state(cfg: dict, seed: int = 0) -> dict:
@@ -147,9 +150,10 @@ def saved_bytes(model):
 
 
 class Runner:
-    """One implementation (class), its model and optimizer; `step` = ttt_forward + backward + AdamW."""
+    """One implementation (model class, unroll), its model and optimizer; `step` = unroll + backward + AdamW."""
 
-    def __init__(self, cls, cfg: dict, state: dict, amp, embed: torch.nn.Parameter | None = None):
+    def __init__(self, impl, cfg: dict, state: dict, amp, embed: torch.nn.Parameter | None = None):
+        cls, self.forward = impl
         self.model = cls(cfg)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("rotary.") for k in missing):
@@ -164,7 +168,7 @@ class Runner:
         hooks, total = saved_bytes(self.model) if measure else (contextlib.nullcontext(), [0])
         t = time.perf_counter()
         with hooks, compute_context(torch.device("cpu"), self.amp):
-            out = ttt_forward(self.model, batch, ttt)
+            out = self.forward(self.model, batch, ttt)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -298,7 +302,7 @@ def setup(a, tmp: Path):
     torch.save(state, state_path)
     from stage2_train.model import Eagle3Draft
 
-    impls = {"before": load_baseline(a.baseline, tmp), "after": Eagle3Draft}
+    impls = {"before": load_baseline(a.baseline, tmp), "after": (Eagle3Draft, ttt_forward)}
     return cfg, state, state_path, batches, impls
 
 
@@ -322,7 +326,7 @@ def measure(a, tmp: Path) -> dict:
     for dt in a.dtypes:
         amp = torch.bfloat16 if dt == "bfloat16" else None
         embed = torch.nn.Parameter(state["embed_tokens.weight"].clone(), requires_grad=False)
-        runners = {(name, T, s): Runner(cls, cfg, state, amp, embed) for name, cls in impls.items()
+        runners = {(name, T, s): Runner(impl, cfg, state, amp, embed) for name, impl in impls.items()
                    for T in a.lengths for s in a.ttt}
         for (name, T, s), r in runners.items():                # warm-up: the first step, same weights
             _, loss, saved = r.step(batches[T], s, measure=True)
