@@ -30,20 +30,27 @@ def _block_rows(x: torch.Tensor) -> int:
     return max(1, cap // max(1, x.shape[-1]))
 
 
+def _blocks(x: torch.Tensor, acc: torch.dtype):
+    """(row slice, an fp32/fp64 copy of those rows in one reused scratch buffer) over the rows of x [rows, N]."""
+    R = _block_rows(x)
+    scratch = torch.empty(min(R, x.shape[0]), x.shape[1], dtype=acc, device=x.device)
+    for a in range(0, x.shape[0], R):
+        b = slice(a, a + R)
+        yield b, scratch[:min(R, x.shape[0] - a)].copy_(x[b])
+
+
 class _GatheredLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, idx: torch.Tensor):
         x = logits.reshape(-1, logits.shape[-1])
         ix = idx.reshape(-1, idx.shape[-1])
-        acc, R = _acc(x), _block_rows(x)
+        acc = _acc(x)
         lse = torch.empty(x.shape[0], 1, dtype=acc, device=x.device)
         top1 = torch.empty(x.shape[0], 1, dtype=torch.int64, device=x.device)
-        scratch = torch.empty(min(R, x.shape[0]), x.shape[1], dtype=acc, device=x.device)
-        for a in range(0, x.shape[0], R):
-            xf = scratch[:min(R, x.shape[0] - a)].copy_(x[a:a + R])
-            m, top1[a:a + R] = xf.max(-1, keepdim=True)
+        for b, xf in _blocks(x, acc):
+            m, top1[b] = xf.max(-1, keepdim=True)
             # a row of -inf only (never from a linear layer) would give nan here, as log_softmax does
-            lse[a:a + R] = xf.sub_(m).exp_().sum(-1, keepdim=True).log_().add_(m)
+            lse[b] = xf.sub_(m).exp_().sum(-1, keepdim=True).log_().add_(m)
         logq = x.gather(-1, ix).to(acc) - lse
         ctx.save_for_backward(logits, idx, lse)
         ctx.mark_non_differentiable(top1)
@@ -57,11 +64,7 @@ class _GatheredLogSoftmax(torch.autograd.Function):
         g = g_logq.reshape(ix.shape).to(lse.dtype)
         neg_total = -g.sum(-1, keepdim=True)
         dx = torch.empty_like(x)
-        R = _block_rows(x)
-        scratch = torch.empty(min(R, x.shape[0]), x.shape[1], dtype=lse.dtype, device=x.device)
-        for a in range(0, x.shape[0], R):
-            b = slice(a, a + R)
-            p = scratch[:min(R, x.shape[0] - a)].copy_(x[b])
+        for b, p in _blocks(x, lse.dtype):
             dx[b] = p.sub_(lse[b]).exp_().mul_(neg_total[b]).scatter_add_(-1, ix[b], g[b])
         return dx.view(logits.shape), None
 
