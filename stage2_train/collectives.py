@@ -105,16 +105,18 @@ def init_distributed() -> Ranks:
     import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one (else DeepSpeed tries MPI)
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    # The rank's GPU first: NCCL's communicator and the first barrier bind to the current device
+    # (else torch guesses it from the global rank, wrong on nodes with other rank-to-GPU maps).
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one (else DeepSpeed tries MPI)
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                               "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
