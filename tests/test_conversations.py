@@ -1,5 +1,6 @@
 """Conversation readers: formats, normalisation, stable sample indices, and every bad-input class."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_prompt_only_records(tmp_path):
 
 def test_demo_prompt_files():
     convs, stats = load_conversations([str(ROOT / "configs" / "demo_prompts.jsonl")], require_assistant=False)
-    assert stats.kept == stats.samples_read and 140 <= len(convs) <= 170
+    assert stats.kept == stats.samples_read and len(convs) == 300
     assert all(m["role"] == "user" for c in convs for m in c.messages)
     assert sum(len(c.messages) > 1 for c in convs) >= 8
     assert len({c.id for c in convs}) == len(convs)
@@ -164,6 +165,11 @@ def test_demo_prompt_files():
     assert 20 <= len(ev) <= 30
     train_prompts = {m["content"] for c in convs for m in c.messages}
     assert not train_prompts & {c.messages[0]["content"] for c in ev}
+    # held out in substance too: no eval prompt shares more than 60% of its words with a training one
+    words = lambda t: set(re.sub(r"[^\w\s]", " ", t.lower()).split())  # noqa: E731
+    jaccard = max(len(words(a) & words(b)) / len(words(a) | words(b))
+                  for a in train_prompts for b in (c.messages[0]["content"] for c in ev))
+    assert jaccard <= 0.6
 
 
 def test_hf_dataset_dir_and_parquet(tmp_path):
