@@ -232,3 +232,25 @@ def test_a_checkpoint_of_another_global_batch_is_refused(head_and_cache, tmp_pat
     check_resumable(run)  # 1 x 3 = 1 x 3: resumable
     (ck / "run.json").write_text(json.dumps({**old, "world_size": 3, "grad_accum": 1, "global_micro_batches": 3}))
     check_resumable(run)  # 3 ranks x 1 = 1 rank x 3: resumable on another number of ranks
+
+
+def test_init_distributed_binds_the_rank_gpu_before_joining(monkeypatch):
+    """On CUDA the rank's device is current before the group exists: NCCL's communicator and the
+    first barrier bind to the current device (else torch guesses it from the global rank)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from stage2_train import collectives
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(("init", kw["dist_backend"])))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    ranks = collectives.init_distributed()
+    assert calls == [("set_device", 3), ("init", "nccl")]
+    assert (ranks.rank, ranks.world, ranks.device) == (3, 8, torch.device("cuda", 3))
