@@ -71,6 +71,10 @@ def _gguf_key(f: Path) -> str:
 
 
 CONVERTED_BY = "eagle3 (GGUF -> HF conversion of the target)"
+# Every from_pretrained of a target: transformers >= 5.2x swaps layers for Hugging Face Hub kernels
+# by default, downloading code at load time (an offline GPU node fails: gpu_check on an H200), and a
+# kernel's numerics, not the checkpoint's modules, would decide the cached hidden states.
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def conversion_dir(cfg: TargetConfig, gguf: Path) -> Path:
@@ -133,8 +137,7 @@ def _convert_gguf(f: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp", dir=out.parent))  # new: nothing of anyone's to clear
     os.chmod(tmp, 0o755)
     tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
-    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32,
-                                                 use_kernels=False)
+    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32, **NO_HUB_KERNELS)
     # save_pretrained refuses a model still attached to its GGUF quantizer; the
     # weights are already dequantised, so detach it.
     model.hf_quantizer = None
@@ -280,11 +283,8 @@ def load_target(cfg: TargetConfig):
     hf_dir = converted_dir(cfg)
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    # use_kernels=False: transformers >= 5.2x swaps layers for Hugging Face Hub kernels by default,
-    # which downloads code at load time (an offline GPU node fails: gpu_check on an H200) and would
-    # let a kernel's numerics, not the checkpoint's modules, decide the cached hidden states.
     kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=pick_attn(cfg, device, hf_dir),
-              use_kernels=False)
+              **NO_HUB_KERNELS)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     # Straight to the device: the weights are read from the (memory-mapped) safetensors onto

@@ -155,6 +155,10 @@ def test_prompt_only_records(tmp_path):
         load_conversations([str(p)])
 
 
+def _words(text: str) -> set[str]:
+    return set(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
 def test_demo_prompt_files():
     convs, stats = load_conversations([str(ROOT / "configs" / "demo_prompts.jsonl")], require_assistant=False)
     assert stats.kept == stats.samples_read and len(convs) == 300
@@ -166,8 +170,7 @@ def test_demo_prompt_files():
     train_prompts = {m["content"] for c in convs for m in c.messages}
     assert not train_prompts & {c.messages[0]["content"] for c in ev}
     # held out in substance too: no eval prompt shares more than 60% of its words with a training one
-    words = lambda t: set(re.sub(r"[^\w\s]", " ", t.lower()).split())  # noqa: E731
-    jaccard = max(len(words(a) & words(b)) / len(words(a) | words(b))
+    jaccard = max(len(_words(a) & _words(b)) / len(_words(a) | _words(b))
                   for a in train_prompts for b in (c.messages[0]["content"] for c in ev))
     assert jaccard <= 0.6
 
