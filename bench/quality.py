@@ -3,6 +3,7 @@
   python bench/quality.py [--quick] [--engine hf|vllm] [--dtype D] [--eval-dtypes D,D] [--threads N]
                           [--sharegpt N] [--conversations N] [--sweep] [--sweep-steps N] [--epochs N]
                           [--eval-prompts N] [--until regenerate|extract|sweep|train|eval] [--publish NAME|none]
+                          [--eval-only]
                           [--run-dir runs/quality] [--dry-run]          (make quality QUALITY_ARGS=...)
 
 Drives the CLI (`python -m pipeline.cli run|sweep|eval CONFIG key=value ...`). The prompt set
@@ -44,6 +45,16 @@ this AVX2 machine, where bf16 is emulated) was started as
     --run-dir <abs>/runs/quality-sharegpt --until extract --nice 0 --conversations 2000
 from a `git archive` of the branch (so later edits of the checkout cannot change the code a long
 run imports midway; runs/quality-sharegpt/shared links ../shared for the data).
+
+## Training on a GPU, evaluating here
+
+bench/quality_gpu.py runs regeneration, extraction and training of this script's prompt set and
+recipe on one CUDA GPU under a wall-clock budget and packs the run without its cache; unpacked
+here as <run>, `--eval-only --run-dir <run>` (with the --sharegpt/--eval-prompts of the prompt
+set) evaluates its head on this machine's target and publishes the report: <run>/final.yaml is
+<run>/gpu.yaml with the paths moved and the target on CPU, stage 3 runs without the offline table
+(the cache stayed there; the held-out figures are the head's own) and the cache's summary comes
+from <run>/cache_summary.json. bench/results/gpu-quality-h200.md has the first such run.
 
 ## Measured, issue 13's mix (2026-11-29, AMD EPYC, 2 cores with AVX512-BF16, no AMX; partly shared)
 
@@ -561,9 +572,9 @@ def rates(run: Path, sz: Sizes, calls: list[dict]) -> str:
     """tokens/s of this invocation's stages, per wall second and per CPU second (approximate token
     counts: answers = the cache's loss tokens; training = cache tokens x epochs x heads)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.run import cache_summary
+    from quality_report import run_cache_summary
 
-    c = cache_summary(run / "cache") or {}
+    c = run_cache_summary(run) or {}
     tok, ans = c.get("tokens") or 0, c.get("loss_tokens") or 0
     per_sample = tok / max(c.get("samples") or 1, 1)
     head_tok = int(sz.sweep_steps * sz.micro_batch * per_sample)   # one sweep head's training tokens
@@ -648,6 +659,9 @@ def main(argv=None) -> int:
                          "file is interleaved by category, so any N keeps all 8; GSM8K has 20)")
     ap.add_argument("--publish", default=None,
                     help="name of the report under bench/results/ (default quality-sharegpt; none with --quick)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="the head in <run>/head was trained elsewhere (bench/quality_gpu.py: <run>/gpu.yaml): "
+                         "stage 3 and the report only, with that run's recipe on this machine's target")
     ap.add_argument("--until", default="eval", choices=UNTIL,
                     help="stop after this stage (extract: the cache only, e.g. in the background "
                          "while the training recipe is still being decided)")
@@ -686,13 +700,18 @@ def main(argv=None) -> int:
           f"{a.threads} threads, load {os.getloadavg()[0]:.1f}) -> {run}\n")
     print(f"sizes: {json.dumps(asdict(sz))}\n\n{table}\n", flush=True)
     print("(a re-run skips every finished stage and only evaluates)\n", flush=True)
-    write_if_changed(run / "prompts.jsonl", train)
+    if not a.eval_only:  # an --eval-only run's prompts.jsonl is the part its GPU run regenerated
+        write_if_changed(run / "prompts.jsonl", train)
     write_if_changed(run / "eval_mtbench.jsonl", mt)
     write_if_changed(run / "eval_gsm8k.jsonl", gsm)
     sweep_cfg = run / "sweep.yaml"
     write_text_if_changed(sweep_cfg, config_text(run, sz, quick=a.quick, dtype=a.dtype, engine=a.engine))
     d = Driver(run, a.engine, a.threads, a.dry_run)
     t0 = time.perf_counter()
+    if a.eval_only:
+        final_cfg, point = eval_only_config(run, a.dtype)
+        sweep = {"markdown": f"(no sweep: the recipe of {run / 'gpu.yaml'})"}
+        return evaluate_and_publish(a, d, run, sz, final_cfg, point, sweep, t0, argv, offline=False)
 
     # 1. regenerate, extract (one cache; separate calls so each has its own CPU time), the sweep
     d.cli("run", str(sweep_cfg), "--stages", "regenerate", "--no-progress")
@@ -731,18 +750,45 @@ def main(argv=None) -> int:
     d.cli("run", str(final_cfg), "--stages", "regenerate,extract,train", "--no-progress")
     if a.until == "train":
         return 0
+    return evaluate_and_publish(a, d, run, sz, final_cfg, point, sweep, t0, argv)
 
+
+def eval_only_config(run: Path, dtype: str) -> tuple[Path, dict]:
+    """<run>/final.yaml from a GPU run's <run>/gpu.yaml: its recipe, paths moved to this run dir,
+    this machine's target (the packaged SmolLM2, on CPU)."""
+    import yaml
+
+    src = run / "gpu.yaml"
+    if not src.is_file():
+        raise SystemExit(f"quality: --eval-only needs {src} (bench/quality_gpu.py writes it)")
+    raw = yaml.safe_load(src.read_text())
+    old = str(Path(raw["data"]["regenerate"]["output"]).parent)
+    raw = yaml.safe_load(src.read_text().replace(old, str(run)))
+    raw["target"].update(path=SMOLLM2, dtype=dtype, device="cpu", attn_implementation="auto")
+    raw["train"]["deepspeed"] = "configs/deepspeed/cpu_fp32.json"
+    final_cfg = run / "final.yaml"
+    write_text_if_changed(final_cfg, "# bench/quality.py --eval-only: " + str(src) + " on this machine\n"
+                          + yaml.safe_dump(raw, sort_keys=False))
+    t = raw["train"]
+    return final_cfg, {"train.lr": t["lr"], "train.warmup_ratio": t["warmup_ratio"],
+                       "train.draft_vocab_size": t["draft_vocab_size"], "train.ttt_length": t["ttt_length"]}
+
+
+def evaluate_and_publish(a, d: "Driver", run: Path, sz: Sizes, final_cfg: Path, point: dict, sweep: dict,
+                         t0: float, argv, *, offline: bool = True) -> int:
+    """Stage 3 on both eval sets (every eval dtype), <run>/quality.md and the published report;
+    offline=False when the cache is not on this machine (the held-out figures are the head's own)."""
     # 3. stage 3 on the two held-out prompt sets (always re-run: a re-run only evaluates)
     # Every eval dtype: bf16 is the fast one on this CPU, but its 4-token and 1-token passes round
     # differently (logits differ by up to ~0.7), so the strict token-identity check can fail on
     # near-ties; fp32 is the exact lossless reference (see the design note).
     reports = {}
     for dt in a.eval_dtypes.split(","):
-        for set_name, f, offline in (("MT-bench", "eval_mtbench.jsonl", True), ("GSM8K", "eval_gsm8k.jsonl", False)):
+        for set_name, f, off in (("MT-bench", "eval_mtbench.jsonl", offline), ("GSM8K", "eval_gsm8k.jsonl", False)):
             out = run / f"eval-{f.split('_')[1].split('.')[0]}-{dt}"
             both = a.eval_engine == "both" and dt == "bfloat16" and set_name == "MT-bench"
             d.cli("eval", str(final_cfg), f"eval.prompts=[{run / f}]", f"eval.output={out}", f"target.dtype={dt}",
-                  f"eval.offline={str(offline).lower()}", "--threads", str(a.threads),
+                  f"eval.offline={str(off).lower()}", "--threads", str(a.threads),
                   *(["--engine", "both"] if both else []))
             reports[f"{set_name}, target {dt}"] = json.loads((out / "report.json").read_text())
     md = quality_table(reports, sweep, point, run / "head") + "\n" + rates(run, sz, d.calls)

@@ -150,11 +150,20 @@ def stage_markers(run: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the report
 
 
+def run_cache_summary(run: Path) -> Optional[dict]:
+    """The cache's summary; a run trained on another machine (bench/quality_gpu.py) brings it as
+    <run>/cache_summary.json, its cache having stayed there."""
+    from pipeline.run import cache_summary
+
+    here = cache_summary(run / "cache")
+    if here is None and (run / "cache_summary.json").is_file():
+        return json.loads((run / "cache_summary.json").read_text())
+    return here
+
+
 def build_report(run: Path, head: Path, *, command: list[str], config: Path, sizes: dict,
                  evals: dict[str, dict], sweep: Optional[dict] = None, sources: tuple = (),
                  calls: Optional[list] = None, root: Optional[Path] = None) -> dict:
-    from pipeline.run import cache_summary
-
     hc = json.loads((head / "config.json").read_text())
     heldout = (hc.get("training") or {}).get("heldout")
     rows = eval_rows(evals)
@@ -163,7 +172,7 @@ def build_report(run: Path, head: Path, *, command: list[str], config: Path, siz
         "git": git_state(root or Path(__file__).resolve().parents[1]), "machine": machine(),
         "config": {"path": str(config), "sha256": sha256(config), "text": config.read_text()},
         "sizes": sizes, "data": data_files(run, [Path(s) for s in sources]),
-        "cache": cache_summary(run / "cache"), "stages": stage_markers(run), "calls": calls or [],
+        "cache": run_cache_summary(run), "stages": stage_markers(run), "calls": calls or [],
         "head": {"path": str(head), "best_step": hc.get("training", {}).get("best_step"),
                  "total_steps": hc.get("training", {}).get("total_steps"), "heldout": heldout},
         "curve": training_curve(head), "eval": rows, "goals": goals(rows, heldout),

@@ -112,7 +112,9 @@ class RegenerateConfig(_Section):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(8, gt=0, description="conversations per generate call and per fsynced write "
-                            "(vllm batches continuously inside one call: use hundreds)")
+                            "(vllm batches continuously inside one call: use hundreds; so does hf on a GPU, where a "
+                            "decode step is host-bound: ~75 ms for SmolLM2 on an H200 at 32 to 256 rows alike, "
+                            "bench/regen_profile.py)")
     seed: int = 0
     engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers generate; vllm = vLLM's offline "
                                           "batch API in the engine venv (see the vllm section)")

@@ -30,11 +30,12 @@ QUICK = [
     ("minicpm4_oracle.py --quick --json {tmp}/oracle.json", (pytest.mark.vllm,)),
     ("nonfinite_cost.py --quick", ()),
     ("objective_compare.py --quick", ()),
+    ("regen_profile.py --device cpu --new 4 --batches 2 --max-prompt 80", ()),
 ]
 # Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
 # objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
 # and chunk_rows.py (issue 19; tests/test_bench_issue19.py), bench_train_step.py (tests/test_bench_train_step.py).
-OWN_TESTS = {"gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py", "chunk_rows.py",
+OWN_TESTS = {"quality_gpu.py", "gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py", "chunk_rows.py",
              "bench_train_step.py"}
 HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py", "objectives_peer.py", "specforge_step_worker.py",
            "quality_report.py"}
