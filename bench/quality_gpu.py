@@ -7,8 +7,9 @@ The CPU run (bench/quality.py) regenerates ~480 answer tokens/s and trains ~1,00
 cores, so its heads see ~0.3 M distinct tokens. This script runs the same stages with the same
 recipe on one GPU, where the budget buys an order of magnitude more data:
 1. regenerate: the target answers the prompt set's turns (HF generate, batches of --regen-batch
-   conversations) until --regen-s; the conversations not written by then are dropped from the
-   set (prompts.jsonl keeps those written; prompts-all.jsonl the whole set);
+   conversations) until --regen-s, stopping after the last batch that can end by then; the
+   conversations not written are dropped from the set (prompts.jsonl keeps those written;
+   prompts-all.jsonl the whole set);
 2. extract the cache of what was written;
 3. a 40-step probe of the training step measures steps/s and the start-up; the head is then
    trained from scratch for as many steps as the rest of the budget holds (cosine schedule to
@@ -65,25 +66,57 @@ def gpu_config(run: Path, target: str, device: str, quick: bool, a) -> Path:
     return p
 
 
-def cli(cfg: Path, stages: str, *over: str, deadline: float | None = None, logfile: Path) -> tuple[int, float]:
-    """`pipeline.cli run CFG --stages S`; killed (SIGTERM, then SIGKILL) at `deadline` (time.time())."""
+class BatchClock:
+    """Says when to stop regeneration: after the last whole batch that can end before the deadline.
+    A batch killed midway is lost (it is written whole or not at all), so its time is better spent
+    training. The longest batch so far (the first includes the target's load) is the estimate."""
+
+    def __init__(self, out: Path, deadline: float, clock=time.time):
+        self.out, self.deadline, self.clock = out, deadline, clock
+        self.lines, self.last, self.longest = self._count(), clock(), 0.0
+
+    def _count(self) -> int:
+        return self.out.read_bytes().count(b"\n") if self.out.exists() else 0
+
+    def __call__(self) -> bool:
+        n, now = self._count(), self.clock()
+        if n == self.lines:
+            return False
+        self.longest = max(self.longest, now - self.last)
+        self.lines, self.last = n, now
+        return now + self.longest > self.deadline
+
+
+def _stop(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def cli(cfg: Path, stages: str, *over: str, deadline: float | None = None, logfile: Path,
+        stop_early=None) -> tuple[int, float]:
+    """`pipeline.cli run CFG --stages S`; stopped (SIGTERM, then SIGKILL; rc -999) at `deadline`
+    (time.time()) or as soon as `stop_early()` says so (polled every second)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--stages", stages, "--no-progress", *over]
     log("$ " + " ".join(cmd))
     t0 = time.time()
     with logfile.open("a") as f:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=path))
-        try:
-            rc = p.wait(timeout=None if deadline is None else max(deadline - time.time(), 1.0))
-        except subprocess.TimeoutExpired:
-            log(f"deadline: stopping {stages}")
-            p.terminate()
-            try:
-                rc = p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = p.wait()
+        while (rc := p.poll()) is None:
+            if deadline is not None and time.time() >= deadline:
+                log(f"deadline: stopping {stages}")
+            elif stop_early is not None and stop_early():
+                log(f"the next batch would end after the deadline: stopping {stages}")
+            else:
+                time.sleep(1.0)
+                continue
+            _stop(p)
             rc = -999
+            break
     dt = time.time() - t0
     log(f"{stages}: rc {rc} after {dt:.1f} s")
     return rc, dt
@@ -172,7 +205,8 @@ def main(argv=None) -> int:
     cfg = gpu_config(run, a.target, a.device, a.quick, a)
     logs = run / "stages.log"
     times: dict = {"budget_s": a.budget_s}
-    _, times["regenerate_s"] = cli(cfg, "regenerate", deadline=t0 + a.regen_s, logfile=logs)
+    clock = BatchClock(run / "regenerated.jsonl", t0 + a.regen_s)
+    _, times["regenerate_s"] = cli(cfg, "regenerate", deadline=t0 + a.regen_s, logfile=logs, stop_early=clock)
     times["conversations"] = cut_to_written(run)
     rc, times["extract_s"] = cli(cfg, "regenerate,extract", logfile=logs)
     if rc != 0:

@@ -111,3 +111,18 @@ def test_rehearsal_on_a_tiny_target_regenerates_extracts_probes_trains_and_packs
         names = {m.name for m in t.getmembers()}
     assert {"run/head/model.safetensors", "run/regenerated.jsonl", "run/gpu.yaml"} <= names
     assert not any("/cache/" in n or "/probe/" in n for n in names)
+
+
+def test_batch_clock_stops_after_the_last_batch_that_ends_before_the_deadline(tmp_path):
+    out, now = tmp_path / "regenerated.jsonl", [100.0]
+    clock = qg.BatchClock(out, deadline=140.0, clock=lambda: now[0])
+    now[0] = 105.0
+    assert not clock()                       # nothing written yet
+    out.write_text("{}\n" * 8)
+    now[0] = 115.0                           # batch 1: 15 s (with the load); 115 + 15 < 140
+    assert not clock()
+    now[0] = 120.0
+    assert not clock()                       # no new batch: keep going
+    out.write_text("{}\n" * 16)
+    now[0] = 126.0                           # batch 2: 11 s; the longest, 15 s, would end at 141
+    assert clock()
