@@ -96,6 +96,16 @@ def _stop(p: subprocess.Popen) -> None:
         p.wait()
 
 
+def stage_env() -> dict:
+    """Each stage is its own 1-rank job: rendezvous variables this process carries (a launcher's, or an
+    in-process training run's, whose port may still be bound) would make its group fail or hang."""
+    from pipeline.submit import LAUNCHER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 def cli(cfg: Path, stages: str, *over: str, deadline: float | None = None, logfile: Path,
         stop_early=None) -> tuple[int, float]:
     """`pipeline.cli run CFG --stages S`; stopped (SIGTERM, then SIGKILL; rc -999) at `deadline`
@@ -104,8 +114,7 @@ def cli(cfg: Path, stages: str, *over: str, deadline: float | None = None, logfi
     log("$ " + " ".join(cmd))
     t0 = time.time()
     with logfile.open("a") as f:
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=path))
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=stage_env())
         while (rc := p.poll()) is None:
             if deadline is not None and time.time() >= deadline:
                 log(f"deadline: stopping {stages}")
