@@ -31,6 +31,9 @@ META_SUFFIX = ".meta.json"
 VLLM_WORKER = Path(__file__).with_name("vllm_regen_worker.py")
 # Settings that change what the answers are: resuming under different ones would mix two data sets.
 META_KEYS = ("target", "max_new_tokens", "temperature", "top_p", "seed")
+# On a GPU a decode step of HF generate is host-bound: ~75 ms for SmolLM2 on an H200 at 32 and at
+# 256 rows alike (bench/regen_profile.py), so a small batch leaves the GPU idle.
+GPU_MIN_BATCH = 64
 
 
 class RegenerateError(ValueError):
@@ -172,6 +175,15 @@ def check_output(out: Path, cfg: RunConfig) -> None:
                               "Set data.regenerate.output to a new file")
 
 
+def batch_note(device: str, batch_size: int) -> Optional[str]:
+    """The hint printed when the hf engine runs on a GPU with a batch far too small for it."""
+    if device.startswith("cuda") and batch_size < GPU_MIN_BATCH:
+        return (f"[regenerate] data.regenerate.batch_size={batch_size} on {device}: a decode step costs about "
+                f"the same at 32 and 256 rows there (host-bound), so most of the GPU waits; use hundreds "
+                f"(bench/regen_profile.py)")
+    return None
+
+
 def _to_sharegpt(key: str, messages: list[dict]) -> dict:
     return {"id": key, "conversations": [{"from": ROLE_TO_SHAREGPT[m["role"]], "value": m["content"]}
                                          for m in messages]}
@@ -243,6 +255,9 @@ def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:
 
     model, tok, _ = load_target(cfg.target)
     r = cfg.data.regenerate
+    note = batch_note(str(next(model.parameters()).device), r.batch_size)
+    if note:
+        print(note, flush=True)
     max_len = cfg.data.max_length
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="regenerate", unit="conv",
                disable=not progress, dynamic_ncols=True)

@@ -174,3 +174,13 @@ def test_sampling_is_reproducible_with_the_seed(tmp_path, target):
     b = _read(run_regenerate(_cfg(tmp_path / "b", tdir, data, temperature=0.9, top_p=0.9), progress=False))
     g = _read(run_regenerate(_cfg(tmp_path / "g", tdir, data), progress=False))
     assert a == b and a != g
+
+
+def test_a_small_hf_batch_on_a_gpu_gets_a_hint_and_cpu_or_large_batches_none():
+    from stage1_extract.regenerate import GPU_MIN_BATCH, batch_note
+
+    assert batch_note("cuda:0", 8) == (
+        "[regenerate] data.regenerate.batch_size=8 on cuda:0: a decode step costs about the same at 32 and "
+        "256 rows there (host-bound), so most of the GPU waits; use hundreds (bench/regen_profile.py)")
+    assert batch_note("cpu", 8) is None
+    assert batch_note("cuda:1", GPU_MIN_BATCH) is None
