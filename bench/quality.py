@@ -761,9 +761,9 @@ def eval_only_config(run: Path, dtype: str) -> tuple[Path, dict]:
     src = run / "gpu.yaml"
     if not src.is_file():
         raise SystemExit(f"quality: --eval-only needs {src} (bench/quality_gpu.py writes it)")
-    raw = yaml.safe_load(src.read_text())
-    old = str(Path(raw["data"]["regenerate"]["output"]).parent)
-    raw = yaml.safe_load(src.read_text().replace(old, str(run)))
+    text = src.read_text()
+    old = str(Path(yaml.safe_load(text)["data"]["regenerate"]["output"]).parent)
+    raw = yaml.safe_load(text.replace(old, str(run)))
     raw["target"].update(path=SMOLLM2, dtype=dtype, device="cpu", attn_implementation="auto")
     raw["train"]["deepspeed"] = "configs/deepspeed/cpu_fp32.json"
     final_cfg = run / "final.yaml"

@@ -52,12 +52,11 @@ def log(msg: str) -> None:
 
 def gpu_config(run: Path, target: str, device: str, quick: bool, a) -> Path:
     """quality.py's final config (same recipe), with the device's settings."""
-    sz = Sizes.quick() if quick else Sizes()
-    raw = yaml.safe_load(config_text(run, sz, quick=quick, dtype="bfloat16" if device == "cuda" else "float32",
+    sz, gpu = Sizes.quick() if quick else Sizes(), device == "cuda"
+    raw = yaml.safe_load(config_text(run, sz, quick=quick, dtype="bfloat16" if gpu else "float32",
                                      final=True, point={"train.lr": a.lr, "train.draft_vocab_size": a.draft_vocab}))
-    raw["target"].update(path=target, device="cuda:0" if device == "cuda" else "cpu", attn_implementation="sdpa")
+    raw["target"].update(path=target, device="cuda:0" if gpu else "cpu", attn_implementation="sdpa")
     raw["data"]["regenerate"]["batch_size"] = a.regen_batch
-    gpu = device == "cuda"
     raw["extract"].update(max_tokens_per_batch=65536 if gpu else 4096, writer_threads=8 if gpu else 0)
     ds = ROOT / "configs/deepspeed" / ("zero2_bf16.json" if gpu else "cpu_fp32.json")
     raw["train"].update(deepspeed=str(ds), micro_batch_size=a.micro_batch, max_tokens_per_batch=a.batch_tokens)
