@@ -154,11 +154,12 @@ def _convert_gguf(f: Path, out: Path) -> None:
     tok.save_pretrained(str(tmp))
     cfg_json = json.loads((tmp / "config.json").read_text())
     cfg_json.pop("quantization_config", None)
-    cfg_json["eagle3_converted_from"] = str(f)
+    # The source path goes in the marker, not config.json: a cache records config.json's sha256, and the
+    # same GGUF converted from another checkout or venv must still match it.
     (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
     (tmp / ".complete").write_text("ok\n")
     files = sorted(str(x.relative_to(tmp)) for x in tmp.rglob("*") if x.is_file() or x.is_symlink())
-    mark(tmp, "conversion", CONVERTED_BY, files=[*files, MARKER])
+    mark(tmp, "conversion", CONVERTED_BY, files=[*files, MARKER], source=str(f))
     try:
         os.rename(tmp, out)
     except OSError:

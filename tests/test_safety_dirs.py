@@ -193,6 +193,29 @@ def test_gguf_conversion_removes_only_its_own_unfinished_directory(tmp_path, tin
     assert tree(out) == before and loads == ["m.gguf"] * 2
 
 
+def test_gguf_conversion_config_does_not_depend_on_the_files_path(tmp_path, tiny_llama_dir, monkeypatch):
+    """config.json named the GGUF's path, and a cache records config.json's sha256: the same GGUF in
+    another checkout's venv was refused as 'a different target'. The path now goes in the marker."""
+    import transformers as tf
+
+    from schemas.config import TargetConfig
+    from schemas.dirkind import read_marker
+    from schemas.target import converted_dir
+
+    real_model, real_tok = tf.AutoModelForCausalLM.from_pretrained, tf.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: real_model(str(tiny_llama_dir)))
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok(str(tiny_llama_dir)))
+    outs = []
+    for where in ("a", "b"):
+        gguf = tmp_path / where / "m.gguf"
+        gguf.parent.mkdir()
+        gguf.write_bytes(b"GGUF")
+        outs.append(converted_dir(TargetConfig(path=str(gguf), convert_dir=str(tmp_path / "conv"))))
+    assert outs[0] != outs[1]
+    assert (outs[0] / "config.json").read_bytes() == (outs[1] / "config.json").read_bytes()
+    assert read_marker(outs[1])["source"] == str(tmp_path / "b" / "m.gguf")
+
+
 # --------------------------------------------------------------------------- train.output
 
 
