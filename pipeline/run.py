@@ -76,7 +76,7 @@ def _digest(obj: Any) -> str:
 
 # train.* fields added after heads were trained without them, with the value that is what those heads
 # did: at that value they stay out of the fingerprint, so a finished head is not retrained after an upgrade.
-TRAIN_FIELDS_ADDED = {"lm_head_init": "random"}
+TRAIN_FIELDS_ADDED = {"lm_head_init": "random", "layer_init": "random"}
 
 
 def fingerprint(cfg: RunConfig, stage: str) -> str:

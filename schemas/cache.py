@@ -29,6 +29,9 @@ EMBED_FILE = "embed_tokens.safetensors"
 # The target's output head: lm_head rows [V, H] with the logit scaling folded in, and the final
 # norm's effective weight [H]; stage 2 starts the head's lm_head and norm from them (train.lm_head_init).
 LM_HEAD_FILE = "lm_head.safetensors"
+# The target's last decoder layer in Llama names (attention and MLP weights, the norms' effective
+# weights); stage 2 can start the head's decoder layer from it (train.layer_init).
+LAYER_FILE = "last_layer.safetensors"
 
 # name -> (stored numpy dtype, logical dtype, trailing shape key)
 ARRAYS: dict[str, tuple[str, str]] = {
@@ -516,6 +519,14 @@ class CacheReader:
         from safetensors.torch import load_file
 
         p = self.target_dir() / LM_HEAD_FILE
+        return load_file(str(p)) if p.is_file() else None
+
+    def load_last_layer(self) -> Optional[dict]:
+        """The target's last decoder layer (stage 1's LAYER_FILE), None for a cache written before stage 1
+        kept it or a target whose layer does not have the Llama layout."""
+        from safetensors.torch import load_file
+
+        p = self.target_dir() / LAYER_FILE
         return load_file(str(p)) if p.is_file() else None
 
 

@@ -206,6 +206,10 @@ class TrainConfig(_Section):
     lm_head_init: Literal["target", "random"] = Field(
         "random", description="target = the head's lm_head starts as the target's own rows of the draft vocab "
                               "(logit scaling folded in) and its final norm as the target's; random = from scratch")
+    layer_init: Literal["target", "random"] = Field(
+        "random", description="target = the head's decoder layer starts as the target's last layer (q/k/v read "
+                              "it from both the embedding and the hidden half, fc passes the high layer through); "
+                              "random = from scratch")
     deepspeed: str = "configs/deepspeed/cpu_fp32.json"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="bfloat16 = the head's forward under bf16 autocast (weights, gradients and AdamW "

@@ -87,7 +87,8 @@ def _our_target_dir(p: Path) -> bool:
     except OSError:
         return False
     weights = {f for f in files if f.endswith(WEIGHT_SUFFIXES)}
-    return "embed_tokens.safetensors" in files and weights <= {"embed_tokens.safetensors", "lm_head.safetensors"}
+    return "embed_tokens.safetensors" in files and weights <= {"embed_tokens.safetensors", "lm_head.safetensors",
+                                                                "last_layer.safetensors"}
 
 
 def _by_config(path: Path, cfg: Path) -> Optional[DirKind]:

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from schemas.cache import (
-    CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, LM_HEAD_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest,
+    CACHE_JSON, EMBED_FILE, HIDDEN_DTYPES, LAYER_FILE, LM_HEAD_FILE, SCHEMA_ID, TARGET_DIR, CacheError, build_manifest,
     committed_shards, file_sha256, read_cache_json,
 )
 from schemas.config import RunConfig, resolve_layers
@@ -686,6 +686,9 @@ def _write_target_dir(root: Path, model, tok, hf_dir: Path, scale: float, record
     head = output_head(model)
     if head is not None:
         save_file(head, str(tmp / LM_HEAD_FILE))
+    layer = last_layer(model)
+    if layer is not None:
+        save_file(layer, str(tmp / LAYER_FILE))
     try:
         os.rename(tmp, final)
     except OSError:  # another worker won the race
@@ -715,6 +718,40 @@ def output_head(model) -> Optional[dict]:
         eff = norm(torch.ones(1, w.shape[1], dtype=nw.dtype, device=nw.device)).reshape(-1)
     weight = (w.float() / float(scaling)).to(w.dtype) if scaling else w
     return {"weight": weight.contiguous(), "norm": eff.to("cpu", w.dtype).contiguous()}
+
+
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def last_layer(model) -> Optional[dict]:
+    """The target's last decoder layer as stage 2 can start its own layer from it: the seven Llama
+    projections' weights ("self_attn.q_proj.weight", ...) and the two norms' effective weights (read
+    by applying each norm to ones, as output_head does). None when the layer has another layout
+    (extra norms around the MLP, as in Gemma 2/3, or different module names): the head then cannot
+    take it as it is."""
+    import torch
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return None
+    layer = layers[-1]
+    names = {n for n, _ in layer.named_modules()}
+    if not set(LAYER_LINEARS + LAYER_NORMS) <= names or {"pre_feedforward_layernorm", "post_feedforward_layernorm"} & names:
+        return None
+    out = {}
+    for name in LAYER_LINEARS:
+        out[f"{name}.weight"] = layer.get_submodule(name).weight.detach().to("cpu").contiguous().clone()
+    for name in LAYER_NORMS:
+        norm = layer.get_submodule(name)
+        w = getattr(norm, "weight", None)
+        if w is None:
+            return None
+        with torch.no_grad():
+            eff = norm(torch.ones(1, w.shape[-1], dtype=w.dtype, device=w.device)).reshape(-1)
+        out[f"{name}.weight"] = eff.to("cpu", w.dtype).contiguous()
+    return out
 
 
 # --------------------------------------------------------------------------- the run

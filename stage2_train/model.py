@@ -48,6 +48,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
+def _fit(tensors: dict[str, torch.Tensor], key: str, shape: tuple) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"the target's layer has no {key}")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"the target's {key} is {tuple(t.shape)}, this head's is {tuple(shape)}")
+    return t.float()
+
+
 class Eagle3Attention(nn.Module):
     def __init__(self, lc: LlamaConfig):
         super().__init__()
@@ -139,6 +148,31 @@ class Eagle3Draft(nn.Module):
             self.lm_head.weight.copy_(weight[rows.to(weight.device)].to(self.lm_head.weight.dtype))
             if norm is not None:
                 self.norm.weight.copy_(norm.to(self.norm.weight.dtype))
+
+    def init_layer_from(self, layer: dict[str, torch.Tensor]) -> None:
+        """Start the decoder layer from the target's last layer (stage 1's LAYER_FILE, Llama names): the
+        MLP, o_proj and norms as they are; q/k/v read the same weights from both halves of their 2h-wide
+        input (the embedding and the fused hidden), each scaled by 1/sqrt(2) (two uncorrelated halves
+        of equal norm then give the target's activation scale); fc passes the high layer's state
+        through (its low and mid columns start at zero). Raises ValueError when a shape does not fit."""
+        m, h = self.midlayer, self.lm_head.weight.shape[1]
+        th = self.fc.weight.shape[1] // 3
+        if th != h:
+            raise ValueError(f"the head's hidden size {h} is not the target's {th}")
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj"):
+                dst = getattr(m.self_attn, name).weight
+                w = _fit(layer, f"self_attn.{name}.weight", (dst.shape[0], h)).to(dst.dtype) / 2 ** 0.5
+                dst.copy_(torch.cat((w, w), dim=1))
+            for name, mod in (("self_attn.o_proj", m.self_attn.o_proj), ("mlp.gate_proj", m.mlp.gate_proj),
+                              ("mlp.up_proj", m.mlp.up_proj), ("mlp.down_proj", m.mlp.down_proj)):
+                mod.weight.copy_(_fit(layer, f"{name}.weight", tuple(mod.weight.shape)))
+            norm = _fit(layer, "input_layernorm.weight", (h,))
+            m.input_layernorm.weight.copy_(norm)
+            m.hidden_norm.weight.copy_(norm)
+            m.post_attention_layernorm.weight.copy_(_fit(layer, "post_attention_layernorm.weight", (h,)))
+            self.fc.weight.zero_()
+            self.fc.weight[:, 2 * h:].copy_(torch.eye(h))
 
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t.to(torch.int64))

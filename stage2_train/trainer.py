@@ -218,7 +218,7 @@ class Plan:
                 "eval_cache": tc.eval_cache, "draft_vocab_size": tc.draft_vocab_size,
                 "vocab_coverage": round(self.vocab.coverage, 6), "ttt_length": tc.ttt_length,
                 "loss_decay": tc.loss_decay, "loss": tc.loss, "lk_eta": tc.lk_eta,
-                "lm_head_init": tc.lm_head_init,
+                "lm_head_init": tc.lm_head_init, "layer_init": tc.layer_init,
                 "max_length": self.max_length, "lr": tc.lr, "seed": tc.seed,
                 "split": {"val_fraction": 0.0 if tc.eval_cache else tc.val_fraction, "seed": tc.seed,
                           "cache_id": self.cache_id, "num_val": int(self.num_val),
@@ -434,7 +434,22 @@ def build_model(run: Run) -> Eagle3Draft:
     model.set_vocab_map(torch.from_numpy(run.plan.vocab.d2t), torch.from_numpy(run.plan.vocab.t2d))
     if run.tc.lm_head_init == "target":
         init_output_head(run, model, emb)
+    if run.tc.layer_init == "target":
+        init_layer(run, model)
     return model
+
+
+def init_layer(run: Run, model: Eagle3Draft) -> None:
+    """train.layer_init = target: the head's decoder layer (and fc) from the target's last layer."""
+    r = run.plan.reader
+    layer = r.load_last_layer()
+    if layer is None:
+        raise TrainError(f"train.layer_init=target: {r.target_dir()} has no last_layer.safetensors (a cache "
+                         f"written before stage 1 kept it, or a target whose layer is not Llama-shaped)")
+    try:
+        model.init_layer_from(layer)
+    except ValueError as e:
+        raise TrainError(f"train.layer_init=target: {e}") from None
 
 
 def init_output_head(run: Run, model: Eagle3Draft, emb: torch.Tensor) -> None:
