@@ -120,23 +120,43 @@ def _meta(cfg: RunConfig) -> dict:
 
 
 def _check_meta(out: Path, cfg: RunConfig) -> None:
+    _same_settings(out, cfg)
     mp = out.with_name(out.name + META_SUFFIX)
-    want = _meta(cfg)
+    mp.parent.mkdir(parents=True, exist_ok=True)
+    mp.write_text(json.dumps(_meta(cfg), indent=2) + "\n")
+
+
+def _same_settings(out: Path, cfg: RunConfig) -> None:
+    """Refuse an output written with other settings (target, max_new_tokens, sampling)."""
+    mp = out.with_name(out.name + META_SUFFIX)
     if mp.is_file() and out.exists():
-        have = json.loads(mp.read_text())
+        have, want = json.loads(mp.read_text()), _meta(cfg)
         diff = [f"{k}: {have.get(k)!r} -> {want[k]!r}" for k in META_KEYS if have.get(k) != want[k]]
         if diff:
             raise RegenerateError(
                 f"{out} was written with other settings ({'; '.join(diff)}); delete it or set "
                 f"data.regenerate.output to a new file")
-    mp.parent.mkdir(parents=True, exist_ok=True)
-    mp.write_text(json.dumps(want, indent=2) + "\n")
 
 
 def pending(cfg: RunConfig) -> tuple[Path, int, int]:
     """(output path, conversations in the input, conversations still to write) without loading the target."""
     items, out, done = _plan(cfg, repair=False)
     return out, len(items), sum(1 for it in items if it.key not in done)
+
+
+def answered_config(cfg: RunConfig, config_name: str) -> RunConfig:
+    """The config stage 1 reads when data.regenerate.enabled: data.train replaced by the regenerated
+    JSONL, which must hold an answer for every prompt (a partial file would silently train on part
+    of the data). `eagle3 run` and `submit` get there through their stage markers; this is for
+    `eagle3 extract` run by hand after `eagle3 regenerate`."""
+    out, total, todo = pending(cfg)
+    _same_settings(out, cfg)
+    if todo:
+        raise RegenerateError(
+            f"data.regenerate.enabled: data.train holds prompts the target answers first, and {out} has "
+            f"no answer for {todo} of its {total} conversations; run `eagle3 regenerate {config_name}` "
+            f"first (resumable), or `eagle3 run {config_name}`, which does both")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(out)]})})
 
 
 def _plan(cfg: RunConfig, *, repair: bool):

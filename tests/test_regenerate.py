@@ -184,3 +184,34 @@ def test_a_small_hf_batch_on_a_gpu_gets_a_hint_and_cpu_or_large_batches_none():
         "256 rows there (host-bound), so most of the GPU waits; use hundreds (bench/regen_profile.py)")
     assert batch_note("cpu", 8) is None
     assert batch_note("cuda:1", GPU_MIN_BATCH) is None
+
+
+def test_extract_by_hand_reads_the_regenerated_answers_and_refuses_a_partial_file(tmp_path, target):
+    """`eagle3 regenerate CFG` then `eagle3 extract CFG`: stage 1 reads the regenerated JSONL (data.train
+    holds prompts), and refuses one that lacks answers instead of caching part of the data."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from stage1_extract.regenerate import run_regenerate
+
+    tdir, _, _ = target
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    cfg = _cfg(tmp_path, tdir, data)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    out = run_regenerate(cfg, progress=False)
+    full = out.read_text()
+    out.write_text(full.splitlines(keepends=True)[0])  # as after a regeneration killed early
+    runner = CliRunner()
+    res = runner.invoke(app, ["extract", str(cfg_file), "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert (f"data.regenerate.enabled: data.train holds prompts the target answers first, and {out} has no "
+            f"answer for 4 of its 5 conversations; run `eagle3 regenerate {cfg_file}` first (resumable), or "
+            f"`eagle3 run {cfg_file}`, which does both") in " ".join(res.output.split())
+    assert not (tmp_path / "cache" / "cache.json").exists()
+    out.write_text(full)
+    res = runner.invoke(app, ["extract", str(cfg_file), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "cache" / "cache.json").read_text())["data"]
+    assert [s["path"] for s in meta["sources"]] == [str(out)] and meta["num_samples"] == 5
