@@ -41,11 +41,11 @@ def register(app: typer.Typer) -> None:
                 eval_split: bool = typer.Option(False, "--eval", help="extract data.eval into the eval cache"),
                 progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")) -> None:
         """Stage 1: run the target over the data and write the feature cache (extract.cache)."""
+        from pipeline.run import answered_config
         from stage1_extract.extract import run_extract
-        from stage1_extract.regenerate import answered_config
 
         cfg = get_config(config, overrides)
-        if cfg.data.regenerate.enabled and not eval_split:
+        if not eval_split:
             cfg = answered_config(cfg, config)
         path = run_extract(cfg, worker=worker, which="eval" if eval_split else "train", progress=progress,
                            summary=True)

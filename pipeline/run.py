@@ -45,6 +45,22 @@ def effective_config(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": data})
 
 
+def answered_config(cfg: RunConfig, config_name: str) -> RunConfig:
+    """`eagle3 extract` by hand after `eagle3 regenerate`: effective_config, once the regenerated JSONL
+    holds an answer for every prompt (a partial file would silently cache part of the data)."""
+    from stage1_extract.regenerate import RegenerateError, pending
+
+    if not cfg.data.regenerate.enabled:
+        return cfg
+    out, total, todo = pending(cfg)
+    if todo:
+        raise RegenerateError(
+            f"data.regenerate.enabled: data.train holds prompts the target answers first, and {out} has "
+            f"no answer for {todo} of its {total} conversations; run `eagle3 regenerate {config_name}` "
+            f"first (resumable), or `eagle3 run {config_name}`, which does both")
+    return effective_config(cfg)
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 

@@ -141,22 +141,9 @@ def _same_settings(out: Path, cfg: RunConfig) -> None:
 def pending(cfg: RunConfig) -> tuple[Path, int, int]:
     """(output path, conversations in the input, conversations still to write) without loading the target."""
     items, out, done = _plan(cfg, repair=False)
+    _same_settings(out, cfg)
     return out, len(items), sum(1 for it in items if it.key not in done)
 
-
-def answered_config(cfg: RunConfig, config_name: str) -> RunConfig:
-    """The config stage 1 reads when data.regenerate.enabled: data.train replaced by the regenerated
-    JSONL, which must hold an answer for every prompt (a partial file would silently train on part
-    of the data). `eagle3 run` and `submit` get there through their stage markers; this is for
-    `eagle3 extract` run by hand after `eagle3 regenerate`."""
-    out, total, todo = pending(cfg)
-    _same_settings(out, cfg)
-    if todo:
-        raise RegenerateError(
-            f"data.regenerate.enabled: data.train holds prompts the target answers first, and {out} has "
-            f"no answer for {todo} of its {total} conversations; run `eagle3 regenerate {config_name}` "
-            f"first (resumable), or `eagle3 run {config_name}`, which does both")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(out)]})})
 
 
 def _plan(cfg: RunConfig, *, repair: bool):

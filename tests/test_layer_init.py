@@ -18,17 +18,13 @@ from schemas.head import make_head_config
 from stage1_extract.extract import last_layer
 from stage1_extract.target import load_target
 from stage2_train.model import Eagle3Draft
-from tiny import minicpm4_config_dict, minicpm4_tokenizer, sharegpt_rows, tiny_target, write_jsonl, write_minicpm4
+from tiny import load_tiny_target, sharegpt_rows, tiny_target, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(tmp_path, family):
-    if family == "minicpm4":
-        d = write_minicpm4(tmp_path / "t", minicpm4_config_dict(200), tok=minicpm4_tokenizer())
-    else:
-        d = tiny_target(tmp_path / "t", family)
-    model, _, _ = load_target(TargetConfig(path=str(d), dtype="float32", device="cpu"))
+    model = load_tiny_target(tmp_path, family)
     with torch.no_grad():  # norms start at 1 (Llama) or 0 (Gemma's 1 + w): make them tell
         for name, p in model.model.layers[-1].named_parameters():
             if "norm" in name:

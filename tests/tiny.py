@@ -227,3 +227,17 @@ def tiny_minicpm4(out_dir: str | Path, layers: int = 6, hidden: int = 64, seed: 
     cfg = minicpm4_config_dict(len(tok), layers=layers, hidden=hidden, seed=seed,
                                eos=(2, tok.convert_tokens_to_ids("<|im_end|>")), **kw)
     return write_minicpm4(out_dir, cfg, tok, seed=seed)
+
+
+def load_tiny_target(tmp_path: Path, family: str):
+    """A tiny random target of `family` (minicpm4 through its own writer), loaded fp32 on the CPU the way
+    stage 1 loads targets."""
+    from schemas.config import TargetConfig
+    from stage1_extract.target import load_target
+
+    if family == "minicpm4":
+        d = write_minicpm4(tmp_path / "t", minicpm4_config_dict(200), tok=minicpm4_tokenizer())
+    else:
+        d = tiny_target(tmp_path / "t", family)
+    model, _, _ = load_target(TargetConfig(path=str(d), dtype="float32", device="cpu"))
+    return model
