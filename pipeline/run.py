@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from schemas.cache import CACHE_JSON, MANIFEST, committed_shards, dir_bytes
 from schemas.config import RunConfig
+from stage2_train.start import resolve_start
 
 STAGES = ("regenerate", "extract", "train", "eval")
 
@@ -91,7 +92,8 @@ def _digest(obj: Any) -> str:
 
 
 # train.* fields added after heads were trained without them, with the value that is what those heads
-# did: at that value they stay out of the fingerprint, so a finished head is not retrained after an upgrade.
+# did: at that value they stay out of the fingerprint, so a finished head is not retrained after an upgrade
+# (the *_init defaults became auto later; resolved, auto is random on a cache without the target's layer).
 TRAIN_FIELDS_ADDED = {"lm_head_init": "random", "layer_init": "random"}
 
 
@@ -112,6 +114,8 @@ def fingerprint(cfg: RunConfig, stage: str) -> str:
         up = fingerprint(cfg, "regenerate") if cfg.data.regenerate.enabled else None
         return _digest([t, data, ex, files, up])
     if stage == "train":
+        # auto resolved against the cache: the start a head gets, not the word for it
+        c = resolve_start(cfg).model_dump(mode="json")
         tr = {k: v for k, v in c["train"].items() if k not in ("log_every", "num_workers", "report_to",
                                                                "wandb_project")
               and not (k in TRAIN_FIELDS_ADDED and v == TRAIN_FIELDS_ADDED[k])}

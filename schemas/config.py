@@ -203,13 +203,15 @@ class TrainConfig(_Section):
                           "lk_lambda = lambda*KL + (1-lambda)*TV, lambda = exp(-lk_eta*sg(alpha)); alpha = the "
                           "expected acceptance sum_v min(p_v, q_v) over the cached top-K")
     lk_eta: float = Field(3.0, ge=0.0, allow_inf_nan=False, description="lk_lambda: eta (0 = KL, large = TV)")
-    lm_head_init: Literal["target", "random"] = Field(
-        "random", description="target = the head's lm_head starts as the target's own rows of the draft vocab "
-                              "(logit scaling folded in) and its final norm as the target's; random = from scratch")
-    layer_init: Literal["target", "random"] = Field(
-        "random", description="target = the head's decoder layer starts as the target's last layer (q/k/v read "
-                              "it from both the embedding and the hidden half, fc passes the high layer through); "
-                              "random = from scratch")
+    lm_head_init: Literal["auto", "target", "random"] = Field(
+        "auto", description="target = the head's lm_head starts as the target's own rows of the draft vocab "
+                            "(logit scaling folded in) and its final norm as the target's; random = from scratch; "
+                            "auto = as the decoder layer starts (stage2_train/start.py)")
+    layer_init: Literal["auto", "target", "random"] = Field(
+        "auto", description="target = the head's decoder layer starts as the target's last layer (q/k/v read "
+                            "it from both the embedding and the hidden half, fc passes the high layer through); "
+                            "random = from scratch; auto = target when the cache holds the target's last layer "
+                            "(stage 1 keeps it for Llama-shaped layers), else random")
     deepspeed: str = "configs/deepspeed/cpu_fp32.json"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="bfloat16 = the head's forward under bf16 autocast (weights, gradients and AdamW "

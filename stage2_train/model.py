@@ -172,7 +172,8 @@ class Eagle3Draft(nn.Module):
             m.hidden_norm.weight.copy_(norm)
             m.post_attention_layernorm.weight.copy_(_fit(layer, "post_attention_layernorm.weight", (h,)))
             self.fc.weight.zero_()
-            self.fc.weight[:, 2 * h:].copy_(torch.eye(h))
+            fc = self.fc.weight
+            fc[:, 2 * h:].copy_(torch.eye(h, dtype=fc.dtype, device=fc.device))
 
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t.to(torch.int64))

@@ -151,6 +151,10 @@ def serve_commands(target: str, export_dir: Path, k: int = 3) -> list[str]:
             f"    --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}", "```"]
 
 
+# train.layer_init as the head recorded it (auto is resolved before training: stage2_train/start.py)
+START = {"target": "decoder layer started from the target's last layer", "random": "started from scratch"}
+
+
 def model_card(config: dict, head_dir: str | Path, export_dir: str | Path) -> str:
     """The README.md text for an export of `head_dir` (config: the exported config.json)."""
     head_dir, export_dir = Path(head_dir), Path(export_dir)
@@ -185,7 +189,8 @@ def model_card(config: dict, head_dir: str | Path, export_dir: str | Path) -> st
     seen = trained_tokens(head_dir)
     lines += ["", f"Training: {tr.get('total_steps', '?')} steps (kept: step {tr.get('best_step', tr.get('final_step', '?'))})"
               + (f", {seen:,} tokens seen" if seen else "") + f", lr {tr.get('lr', '?')}, "
-              f"compute dtype {tr.get('compute_dtype', '?')}, cache id `{tr.get('cache_id', '?')}`.", ""]
+              f"compute dtype {tr.get('compute_dtype', '?')}, {START.get(tr.get('layer_init'), 'start not recorded')}, "
+              f"cache id `{tr.get('cache_id', '?')}`.", ""]
     if tr.get("heldout"):
         lines += ["## Held-out accuracy (offline)", ""] + offline_table(tr["heldout"]) + [""]
     found = latest_report(head_dir)

@@ -51,6 +51,7 @@ from stage2_train.losses import Sums, loss_token_counts, ttt_forward
 from stage2_train.model import Eagle3Draft
 from stage2_train.precision import compute_context, dtype_name, resolve_compute_dtype
 from stage2_train.sampler import EpochOrder, chunk_aware_order
+from stage2_train.start import StartError, init_layer, init_output_head, resolve_start, start_note
 from stage2_train.vocab import build_draft_vocab
 
 CKPT_DIR = "checkpoints"
@@ -365,7 +366,10 @@ def run_train(cfg: RunConfig, *, restart: bool = False, progress: bool = True) -
     evaluation and a checkpoint), the head.
     """
     preflight(cfg)  # bad configs fail here, before any process group or DeepSpeed work
+    note, cfg = start_note(cfg), resolve_start(cfg)  # train.*_init = auto -> target or random
     ranks = init_distributed()
+    if note and ranks.rank == 0:
+        print(note, file=sys.stderr, flush=True)
     run = plan_run(cfg, ranks, restart)
     start_engine(run)
     announce(run, progress)
@@ -432,44 +436,14 @@ def build_model(run: Run) -> Eagle3Draft:
                          f"{tuple(model.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
     model.set_embedding(emb)
     model.set_vocab_map(torch.from_numpy(run.plan.vocab.d2t), torch.from_numpy(run.plan.vocab.t2d))
-    if run.tc.lm_head_init == "target":
-        init_output_head(run, model, emb)
-    if run.tc.layer_init == "target":
-        init_layer(run, model)
+    try:
+        if run.tc.lm_head_init == "target":
+            init_output_head(r, model, emb, log=run.ranks.rank == 0)
+        if run.tc.layer_init == "target":
+            init_layer(r, model)
+    except StartError as e:
+        raise TrainError(str(e)) from None
     return model
-
-
-def init_layer(run: Run, model: Eagle3Draft) -> None:
-    """train.layer_init = target: the head's decoder layer (and fc) from the target's last layer."""
-    r = run.plan.reader
-    layer = r.load_last_layer()
-    if layer is None:
-        raise TrainError(f"train.layer_init=target: {r.target_dir()} has no last_layer.safetensors (a cache "
-                         f"written before stage 1 kept it, or a target whose layer is not Llama-shaped)")
-    try:
-        model.init_layer_from(layer)
-    except ValueError as e:
-        raise TrainError(f"train.layer_init=target: {e}") from None
-
-
-def init_output_head(run: Run, model: Eagle3Draft, emb: torch.Tensor) -> None:
-    """train.lm_head_init = target: the head's lm_head and final norm from the target's (the cache's
-    lm_head.safetensors; a cache written before stage 1 kept it still has the embedding, which is the
-    output head of a target with tied embeddings)."""
-    r = run.plan.reader
-    head = r.load_lm_head()
-    if head is None and r.target_config().get("tie_word_embeddings"):
-        head = {"weight": emb}
-    if head is None:
-        if run.ranks.rank == 0:
-            print(f"[stage 2] note: {r.target_dir()} has no lm_head.safetensors (a cache written before stage 1 "
-                  f"kept the target's output head) and the target's embeddings are not tied: the lm_head starts "
-                  f"random (train.lm_head_init=target needs it)", file=sys.stderr, flush=True)
-        return
-    try:
-        model.init_output_from(head["weight"], head.get("norm"))
-    except ValueError as e:
-        raise TrainError(f"train.lm_head_init=target: {e}") from None
 
 
 def start_engine(run: Run) -> None:

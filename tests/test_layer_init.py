@@ -118,12 +118,56 @@ def test_the_head_starts_from_the_targets_last_layer(tmp_path):
     assert json.loads((tmp_path / "head" / "config.json").read_text())["training"]["layer_init"] == "target"
 
     # a cache without the file (written before stage 1 kept it): a clear refusal, not a random start
-    (reader.target_dir() / LAYER_FILE).unlink()
-    cj = Path(raw["extract"]["cache"]) / "cache.json"
-    ident = json.loads(cj.read_text())
-    del ident["target_files"][LAYER_FILE]
-    cj.write_text(json.dumps(ident))
+    _drop_layer_file(reader)
     p = _train(tmp_path, {**raw, "train": {**raw["train"], "output": str(tmp_path / "head2")}})
     assert p.returncode != 0
     assert (f"train.layer_init=target: {reader.target_dir()} has no last_layer.safetensors (a cache written "
             f"before stage 1 kept it, or a target whose layer is not Llama-shaped)") in p.stderr + p.stdout
+
+
+def _drop_layer_file(reader: CacheReader) -> None:
+    """Make the cache one written before stage 1 kept the layer (file and cache.json entry gone)."""
+    (reader.target_dir() / LAYER_FILE).unlink()
+    cj = reader.root / "cache.json"
+    ident = json.loads(cj.read_text())
+    del ident["target_files"][LAYER_FILE]
+    cj.write_text(json.dumps(ident))
+
+
+def test_auto_is_the_target_start_on_a_cache_with_the_layer_and_scratch_on_one_without(tmp_path):
+    """The default (auto): the same head as layer_init/lm_head_init = target where the cache holds the
+    layer; on an older cache, a note and the same head as random/random, bit for bit."""
+    from safetensors.torch import load_file
+
+    from stage1_extract.extract import run_extract
+
+    target = tiny_target(tmp_path / "t", "llama")
+    raw = _raw(tmp_path, target)
+    del raw["train"]["layer_init"]
+    assert load_config(raw=raw).train.layer_init == "auto" and load_config(raw=raw).train.lm_head_init == "auto"
+    run_extract(load_config(raw=raw), progress=False, summary=False)
+    reader = CacheReader(raw["extract"]["cache"])
+
+    def train(name, **init):
+        p = _train(tmp_path, {**raw, "train": {**raw["train"], "output": str(tmp_path / name), **init}})
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        training = json.loads((tmp_path / name / "config.json").read_text())["training"]
+        return load_file(str(tmp_path / name / "model.safetensors")), training, p.stderr
+
+    auto, training, _ = train("auto")
+    assert (training["layer_init"], training["lm_head_init"]) == ("target", "target")
+    explicit, _, _ = train("explicit", layer_init="target", lm_head_init="target")
+    assert auto.keys() == explicit.keys()
+    for k in auto:
+        torch.testing.assert_close(auto[k], explicit[k], rtol=0, atol=0, msg=k)
+
+    _drop_layer_file(reader)
+    old, training, err = train("auto-old-cache")
+    assert (training["layer_init"], training["lm_head_init"]) == ("random", "random")
+    assert (f"[stage 2] note: {reader.target_dir()} has no {LAYER_FILE} (a cache written before stage 1 kept "
+            f"it, or a target whose layer is not Llama-shaped): the head starts from scratch "
+            f"(train.layer_init=auto); re-extract to start from the target's last layer") in err
+    scratch, _, _ = train("scratch", layer_init="random", lm_head_init="random")
+    for k in old:
+        torch.testing.assert_close(old[k], scratch[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(old["midlayer.mlp.down_proj.weight"], auto["midlayer.mlp.down_proj.weight"])

@@ -58,6 +58,7 @@ def test_export_writes_a_card_with_the_runs_own_figures(tiny_run):
     assert f"{cs['samples']:,} conversations, {cs['tokens']:,} tokens ({cs['loss_tokens']:,} answer tokens)" in body
     seen = sum(json.loads(x)["tokens"] for x in (Path(cfg.train.output) / "metrics.jsonl").read_text().splitlines())
     assert f"{tr['total_steps']} steps" in body and f"{seen:,} tokens seen" in body
+    assert ", decoder layer started from the target's last layer, cache id" in body  # the default, auto, on a new cache
     # the offline table: the held-out acc_k and simulated tau of the kept step
     for k, (a, al) in enumerate(zip(tr["heldout"]["acc"], tr["heldout"]["alpha"])):
         assert f"| {k} | {a:.3f} | {al:.3f} |" in body

@@ -133,26 +133,46 @@ def test_changed_settings_rerun_the_stage(reference_run, tmp_path):
 
 
 def test_a_train_field_added_later_keeps_finished_heads_finished(reference_run, monkeypatch):
-    """A head trained before train.lm_head_init existed did what lm_head_init=random does: upgrading must
-    not retrain it (its marker's fingerprint was computed from a train section without the field)."""
+    """A head trained before train.lm_head_init / layer_init existed did what random does: upgrading must
+    not retrain it (its marker's fingerprint was computed from a train section without the fields). The
+    default, auto, is random on a cache without the target's layer (such a cache is as old as such a head)
+    and the target start on one with it: the fingerprint follows what auto does."""
     from pipeline.run import fingerprint, stage_done
+    from schemas.cache import LAYER_FILE, TARGET_DIR
     from schemas.config import RunConfig, load_config
 
     d, cfg, _ = reference_run
-    now = fingerprint(cfg, "train")
+
+    def with_init(layer, head):
+        return load_config(raw={**cfg.model_dump(mode="json"), "train": {
+            **cfg.train.model_dump(mode="json"), "layer_init": layer, "lm_head_init": head}})
+
+    assert (cfg.train.layer_init, cfg.train.lm_head_init) == ("auto", "auto")
+    scratch, start = with_init("random", "random"), with_init("target", "target")
+    now = fingerprint(scratch, "train")
     dump = RunConfig.model_dump
 
-    def before_the_field(self, **kw):
+    def before_the_fields(self, **kw):
         c = dump(self, **kw)
         c["train"].pop("lm_head_init")
+        c["train"].pop("layer_init")
         return c
 
-    monkeypatch.setattr(RunConfig, "model_dump", before_the_field)
-    assert fingerprint(cfg, "train") == now and stage_done(cfg, "train")
+    monkeypatch.setattr(RunConfig, "model_dump", before_the_fields)
+    assert fingerprint(scratch, "train") == now
     monkeypatch.undo()
-    other = load_config(raw={**cfg.model_dump(mode="json"),
-                             "train": {**cfg.train.model_dump(mode="json"), "lm_head_init": "target"}})
-    assert fingerprint(other, "train") != now and not stage_done(other, "train")
+    assert len({now, fingerprint(start, "train"), fingerprint(with_init("random", "target"), "train")}) == 3
+
+    # the reference run trained with auto on a cache that holds the layer: the target start
+    assert fingerprint(cfg, "train") == fingerprint(start, "train") and stage_done(cfg, "train")
+    assert not stage_done(scratch, "train")
+    layer = Path(cfg.train_cache) / TARGET_DIR / LAYER_FILE
+    aside = layer.with_suffix(".aside")
+    layer.rename(aside)
+    try:  # a cache from before stage 1 kept the layer: auto is what an old head did
+        assert fingerprint(cfg, "train") == now
+    finally:
+        aside.rename(layer)
 
 
 # A harness that slows one stage down so the test can kill the run inside it, deterministically.
