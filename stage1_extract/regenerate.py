@@ -218,6 +218,8 @@ def _generate(model, tok, prompts: list[list[dict]], cfg: RunConfig, seed: int) 
     """One batched generate call over chat prompts, LEFT padded so every row ends at its prompt end."""
     import torch
 
+    from stage1_extract.kv_slab import slab_cache
+
     r = cfg.data.regenerate
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -229,7 +231,8 @@ def _generate(model, tok, prompts: list[list[dict]], cfg: RunConfig, seed: int) 
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         att[i, width - len(e):] = 1
     dev = next(model.parameters()).device
-    kw = dict(max_new_tokens=r.max_new_tokens, pad_token_id=pad, eos_token_id=_stop_ids(tok, model))
+    kw = dict(max_new_tokens=r.max_new_tokens, pad_token_id=pad, eos_token_id=_stop_ids(tok, model),
+              cache=slab_cache(model.config, width + r.max_new_tokens))  # no torch.cat per token
     if r.temperature > 0:
         torch.manual_seed(seed)
         kw.update(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=0)

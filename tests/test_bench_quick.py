@@ -31,6 +31,7 @@ QUICK = [
     ("nonfinite_cost.py --quick", ()),
     ("objective_compare.py --quick", ()),
     ("regen_profile.py --device cpu --new 4 --batches 2 --max-prompt 80", ()),
+    ("regen_profile.py --device cpu --new 4 --batches 2 --max-prompt 80 --slab --rounds 1", ()),
 ]
 # Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
 # objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
