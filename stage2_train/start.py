@@ -28,6 +28,11 @@ def cache_has_layer(cache: str | Path) -> bool:
     return (Path(cache) / TARGET_DIR / LAYER_FILE).is_file()
 
 
+def _no_layer(target_dir: Path) -> str:
+    return (f"{target_dir} has no {LAYER_FILE} (a cache written before stage 1 kept it, or a target whose "
+            f"layer is not Llama-shaped)")
+
+
 def resolve_start(cfg: RunConfig) -> RunConfig:
     """cfg with train.layer_init / lm_head_init = auto replaced by target or random (see the module doc)."""
     tc = cfg.train
@@ -43,8 +48,7 @@ def resolve_start(cfg: RunConfig) -> RunConfig:
 def start_note(cfg: RunConfig) -> str | None:
     """One line for the log when `auto` starts from scratch (the user may expect the target start)."""
     if cfg.train.layer_init == "auto" and not cache_has_layer(cfg.train_cache):
-        return (f"[stage 2] note: {Path(cfg.train_cache) / TARGET_DIR} has no {LAYER_FILE} (a cache written "
-                f"before stage 1 kept it, or a target whose layer is not Llama-shaped): the head starts from "
+        return (f"[stage 2] note: {_no_layer(Path(cfg.train_cache) / TARGET_DIR)}: the head starts from "
                 f"scratch (train.layer_init=auto); re-extract to start from the target's last layer")
     return None
 
@@ -53,8 +57,7 @@ def init_layer(reader: CacheReader, model) -> None:
     """layer_init = target: the head's decoder layer (and fc) from the target's last layer."""
     layer = reader.load_last_layer()
     if layer is None:
-        raise StartError(f"train.layer_init=target: {reader.target_dir()} has no {LAYER_FILE} (a cache "
-                         f"written before stage 1 kept it, or a target whose layer is not Llama-shaped)")
+        raise StartError(f"train.layer_init=target: {_no_layer(reader.target_dir())}")
     try:
         model.init_layer_from(layer)
     except ValueError as e:
