@@ -35,12 +35,25 @@ class SlabLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, q = self.keys.shape[-2], key_states.shape[-2]
-        if n + q > self.capacity:  # longer than announced: fall back to growing (copies once per call)
+        if self._k is None or n + q > self.capacity:
+            # longer than announced: a plain growing DynamicLayer from here on (copies once per call)
+            self._k = self._v = None
             return super().update(key_states, value_states)
         self._k[:, :, n:n + q].copy_(key_states)
         self._v[:, :, n:n + q].copy_(value_states)
         self.keys, self.values = self._k[:, :, :n + q], self._v[:, :, :n + q]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (rows that finished leave the batch), in new slabs of the same
+        capacity; only the filled part is copied."""
+        if self._k is None or not self.is_initialized:
+            return super().batch_select_indices(indices)
+        n = self.keys.shape[-2]
+        k, v = self._k.new_empty((len(indices), *self._k.shape[1:])), self._v.new_empty((len(indices), *self._v.shape[1:]))
+        k[:, :, :n], v[:, :, :n] = self._k[indices, :, :n], self._v[indices, :, :n]
+        self._k, self._v = k, v
+        self.keys, self.values = k[:, :, :n], v[:, :, :n]
 
 
 def slab_cache(config, capacity: int) -> DynamicCache:

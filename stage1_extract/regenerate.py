@@ -31,6 +31,7 @@ META_SUFFIX = ".meta.json"
 VLLM_WORKER = Path(__file__).with_name("vllm_regen_worker.py")
 # Settings that change what the answers are: resuming under different ones would mix two data sets.
 META_KEYS = ("target", "max_new_tokens", "temperature", "top_p", "seed")
+EVICT_EVERY = 32  # tokens generated between two evictions of the rows that have stopped (decode_evicting)
 # On a GPU a decode step of HF generate is host-bound: ~75 ms for SmolLM2 on an H200 at 32 and at
 # 256 rows alike (bench/regen_profile.py), so a small batch leaves the GPU idle.
 GPU_MIN_BATCH = 64
@@ -215,7 +216,7 @@ def _prompt_len(tok, messages: list[dict]) -> int:
 
 
 def _generate(model, tok, prompts: list[list[dict]], cfg: RunConfig, seed: int) -> list[str]:
-    """One batched generate call over chat prompts, LEFT padded so every row ends at its prompt end."""
+    """Batched generation over chat prompts, LEFT padded so every row ends at its prompt end."""
     import torch
 
     from stage1_extract.kv_slab import slab_cache
@@ -239,8 +240,37 @@ def _generate(model, tok, prompts: list[list[dict]], cfg: RunConfig, seed: int) 
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw)
-    return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen.cpu()]
+        new = decode_evicting(model, ids.to(dev), att.to(dev), kw)
+    return [tok.decode(g, skip_special_tokens=True).strip() for g in new.cpu()]
+
+
+def decode_evicting(model, ids, att, kw: dict):
+    """model.generate(input_ids=ids, attention_mask=att, **kw) over a left-padded batch, EVICT_EVERY
+    tokens at a time: between calls the rows that have stopped (kw["eos_token_id"]) leave the batch and
+    the KV cache (kw["cache"]), so they cost no more compute. Returns [B, kw["max_new_tokens"]]: each
+    input row's new tokens, kw["pad_token_id"] after its stop, as one generate call returns them.
+
+    A batch otherwise runs every row to its longest answer: on the demo's prompts 1.57 decode slots
+    per answer token against 1.04 with eviction every 32 tokens (answers average 204 of 320)."""
+    import torch
+
+    max_new = kw["max_new_tokens"]
+    out = torch.full((ids.shape[0], max_new), kw["pad_token_id"], dtype=torch.long, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # the input row of each row still decoding
+    stops = torch.tensor(kw["eos_token_id"], dtype=torch.long, device=ids.device)
+    made = 0
+    while made < max_new and len(rows):
+        gen = model.generate(input_ids=ids, attention_mask=att, **{**kw, "max_new_tokens": min(EVICT_EVERY, max_new - made)})
+        new = gen[:, ids.shape[1]:]
+        out[rows, made:made + new.shape[1]] = new
+        made += new.shape[1]
+        ids, att = gen, torch.cat((att, att.new_ones(new.shape)), dim=1)
+        live = ~torch.isin(new, stops).any(dim=1)
+        if not bool(live.all()):  # one host sync per EVICT_EVERY tokens
+            keep = live.nonzero().squeeze(1)
+            ids, att, rows = ids[keep], att[keep], rows[keep]
+            kw["cache"].batch_select_indices(keep)
+    return out
 
 
 def run_regenerate(cfg: RunConfig, *, progress: bool = True) -> Path:

