@@ -5,7 +5,7 @@ so a batch of B rows decoding N tokens copies O(B·N²) cache rows: 27% of a reg
 time at 40 rows x 96 tokens (SmolLM2, bf16). Regeneration knows its longest sequence up front
 (prompt width + max_new_tokens), so each layer allocates that once and returns views of what is
 filled: the same keys, values and attention, without the copies. Memory: the slabs hold what
-DynamicCache holds once a row reaches max_new_tokens (a batch keeps finished rows to the end), taken
+DynamicCache holds once a row reaches max_new_tokens, taken
 at the prefill, so a batch too large for the device fails there rather than minutes later.
 """
 from __future__ import annotations
