@@ -5,6 +5,10 @@ answer to the conversation so far; prompt-only records (user turns only) get an
 answer after each user turn. Acceptance rises when the head learns the target's
 own style rather than the style of whoever wrote the data set.
 
+The hf engine generates in left-padded batches of data.regenerate.batch_size rows; every
+EVICT_EVERY tokens the rows that have stopped leave the batch and its KV cache (decode_evicting),
+so a batch costs what its answers cost rather than batch rows x its longest answer.
+
 The output is a ShareGPT JSONL ({"id", "conversations": [{"from", "value"}]}),
 written one whole conversation per line, flushed and fsynced after each batch.
 A re-run appends: ids already in the file are skipped, and a trailing partial
