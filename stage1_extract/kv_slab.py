@@ -50,7 +50,8 @@ class SlabLayer(DynamicLayer):
         if self._k is None or not self.is_initialized:
             return super().batch_select_indices(indices)
         n = self.keys.shape[-2]
-        k, v = self._k.new_empty((len(indices), *self._k.shape[1:])), self._v.new_empty((len(indices), *self._v.shape[1:]))
+        k = self._k.new_empty((len(indices), *self._k.shape[1:]))
+        v = self._v.new_empty((len(indices), *self._v.shape[1:]))
         k[:, :, :n], v[:, :, :n] = self._k[indices, :, :n], self._v[indices, :, :n]
         self._k, self._v = k, v
         self.keys, self.values = k[:, :, :n], v[:, :, :n]

@@ -266,9 +266,9 @@ def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _slow_one_row_sdpa(device, dtype, attn_implementation, cfg) -> bool:
     """True where a one-token pass without a mask hits PyTorch's slow CPU SDPA path: bf16/fp16 on a CPU,
     sdpa, grouped kv heads, and only full-attention layers (a 4D mask replaces the model's own masks, so
-    a sliding window would be lost). Measured with SmolLM2 (9 query / 3 kv heads, 300 cached tokens): 0.22 ms per
-    layer for the single query row against 0.05 packed; ~9% of a plain greedy step, which is the
-    baseline every speed-up divides by (bench/bench_verify.py, T=1)."""
+    a sliding window would be lost). Measured with SmolLM2 (9 query / 3 kv heads, 300 cached tokens): 0.22 ms
+    per layer for the single query row against 0.05 packed; a plain greedy step, the baseline every speed-up
+    divides by, 59.9-60.4 ms against 52.4-53.2 (bench/bench_verify.py --dtypes bfloat16 --threads 1, T=1)."""
     heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
     types = getattr(cfg, "layer_types", None)
     full = all(t == "full_attention" for t in types) if types else not getattr(cfg, "sliding_window", None)

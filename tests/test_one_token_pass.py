@@ -4,7 +4,6 @@ query row that PyTorch's CPU kernel runs ~4x slower in bf16 (stage3_eval.target_
 those of the unpacked pass. fp32 targets and targets with sliding-window layers keep the plain call."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,11 +58,10 @@ def test_fp32_and_sliding_window_targets_keep_the_plain_call(tiny_llama_dir):
     assert not TargetRunner(model).pack_one_token
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_plain_decoding_with_packed_passes_matches_hf_generate(tiny_llama_dir, dtype):
+def test_plain_decoding_with_packed_passes_matches_hf_generate(tiny_llama_dir):
     from stage3_eval.spec_decode import DecodeSettings, generate
 
-    model = _load(tiny_llama_dir, dtype)
+    model = _load(tiny_llama_dir, torch.bfloat16)
     runner = TargetRunner(model)
     got = generate(runner, None, PROMPT, DecodeSettings(method="plain", max_new_tokens=12), eos_ids=set()).tokens
     with torch.no_grad():
