@@ -10,7 +10,10 @@
    threads) vs the same batches held in memory, with the real CPU step and with a GPU step
    emulated by a sleep of tokens / --gpu-tok-s (default 20,000 tokens/s: the upper estimate
    for one H100 training the MiniCPM4-8B head, issue 12);
-4. train steps/s offline (cache) vs online (target forward + top-k + draft step on the same batches).
+4. train steps/s offline (cache) vs online (target forward + top-k + draft step on the same batches);
+5. eval: the held-out evaluation (`evaluate_model`, forward only) over the whole cache at several
+   padded-token budgets per batch (--eval-tokens), alternated --rounds times, bf16 compute where the
+   CPU has it natively; the metrics must agree.
 Prints a table and writes --json.
 """
 from __future__ import annotations
@@ -174,6 +177,30 @@ def online_batches(target_model, layers, K, t2d_map, cache_batches):
                "t_logp": torch.from_numpy(t_logp)}
 
 
+def bench_eval(model, reader, budgets: list[int], rounds: int, ttt: int, max_length: int) -> dict:
+    """Seconds of one evaluation of every sample per padded-token budget (best of `rounds`, alternated)."""
+    from stage2_train.evaluate import evaluate_model
+    from stage2_train.precision import resolve_compute_dtype
+
+    amp = resolve_compute_dtype("auto", torch.device("cpu"), "float32")
+    idx = np.arange(len(reader))
+    best = {b: float("inf") for b in budgets}
+    metrics = {}
+    for _ in range(rounds):
+        for b in budgets:
+            t = time.perf_counter()
+            metrics[b] = evaluate_model(model, reader, idx, ttt_length=ttt, max_tokens=b, max_length=max_length,
+                                        compute_dtype=amp)
+            best[b] = min(best[b], time.perf_counter() - t)
+    ref = metrics[budgets[0]]
+    for b in budgets[1:]:  # another batching is another padding: the same numbers up to rounding
+        np.testing.assert_allclose(metrics[b]["acc"], ref["acc"], atol=2e-3)
+        np.testing.assert_allclose(metrics[b]["loss"], ref["loss"], rtol=1e-2)
+    tokens = ref["num_tokens"]
+    return {str(b): {"s": best[b], "tokens_per_s": tokens / best[b], "simulated_tau": metrics[b]["simulated_tau"]}
+            for b in budgets} | {"tokens": tokens, "compute_dtype": str(amp)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=None, help="the cache to read (required unless --quick)")
@@ -189,7 +216,8 @@ def main():
     ap.add_argument("--workers", type=int, default=0, help="train.num_workers (0: the chunk loader's threads)")
     ap.add_argument("--target-path", default=None, help="target for the online comparison (default: from cache.json)")
     ap.add_argument("--parts", default="train,loader,speed,online",
-                    help="comma-separated subset of train,loader,speed,online")
+                    help="comma-separated subset of train,loader,speed,online,eval")
+    ap.add_argument("--eval-tokens", default="16384,2048", help="eval: padded tokens per batch to compare")
     ap.add_argument("--rounds", type=int, default=4, help="speed: alternate memory/cache blocks this many times")
     ap.add_argument("--threads", type=int, default=2, help="loader decode threads (train.loader_threads)")
     ap.add_argument("--gpu-tok-s", type=float, default=20000.0, help="emulated GPU step: sleep tokens / this")
@@ -204,7 +232,7 @@ def main():
         a.cache = str(tiny_cache(work, 12))
         a.target_path = str(tiny_inputs(work)[0])
         a.steps, a.draft_vocab, a.ttt, a.micro_batch, a.max_tokens, a.max_length = 4, 64, 3, 2, 512, 128
-        a.speed_steps, a.rounds = 2, 1
+        a.speed_steps, a.rounds, a.eval_tokens = 2, 1, "2048,256"
     if not a.cache:
         ap.error("--cache is required (or --quick)")
 
@@ -296,6 +324,10 @@ def main():
     except Exception as e:  # noqa: BLE001 - the target may be absent where only the cache is
         report["steps_per_s"]["online_error"] = f"{type(e).__name__}: {e}"
 
+    if "eval" in parts:
+        report["eval"] = bench_eval(model.eval(), reader, [int(b) for b in a.eval_tokens.split(",")], a.rounds,
+                                    a.ttt, a.max_length)
+
     print(json.dumps(report, indent=1, default=float))
     print("\n| measure | value |\n|---|---:|")
     for k, v in report.get("loader", {}).items():
@@ -308,6 +340,9 @@ def main():
               f"{S['emulated_memory']:.3f} / {S['emulated_cache']:.3f} (ratio {S['emulated_cache_over_memory']:.3f}) |")
     if "online" in S:
         print(f"| steps/s online (target resident) | {S['online']:.3f} (offline/online {S['offline_over_online']:.2f}) |")
+    for b, v in report.get("eval", {}).items():
+        if isinstance(v, dict):
+            print(f"| eval, {b} padded tokens per batch | {v['s']:.2f} s, {v['tokens_per_s']:.0f} tok/s |")
     if "train_run" in report and report["train_run"]["heldout"]:
         from stage2_train.evaluate import metrics_table
 

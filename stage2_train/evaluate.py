@@ -87,7 +87,19 @@ def load_model(head_dir: str | Path, reader: CacheReader, device=None) -> Eagle3
 # (little padding; the loader holds about one window of rows).
 EVAL_WINDOW = 64
 EVAL_BATCH_SAMPLES = 256
-EVAL_BATCH_TOKENS = 16384  # padded rows per evaluation batch (forward only: no activations kept)
+# Padded tokens per evaluation batch (forward only: no activations kept). A GPU wants big batches;
+# on a CPU a batch's [tokens, draft vocab] logits must stay near the caches: the demo's held-out check
+# (30 samples, 9.7k tokens, bf16, 2 cores) took 3.8 s at 2,048 tokens against 7.8 s at 16,384
+# (bench/bench_train.py --parts eval).
+EVAL_BATCH_TOKENS = 16384
+CPU_EVAL_BATCH_TOKENS = 2048
+
+
+def eval_batch_tokens(device) -> int:
+    """The padded-token budget of one evaluation batch on `device`."""
+    return CPU_EVAL_BATCH_TOKENS if torch.device(device).type == "cpu" else EVAL_BATCH_TOKENS
+
+
 # Per-position sums behind the metrics: token level (hit/cnt, ce_*) and over samples (acc_s*, loss_s*).
 EVAL_ROWS = ("hit", "cnt", "ce_sum", "ce_sq", "ce_n", "acc_s", "acc_s2", "acc_sn", "loss_s", "loss_s2", "loss_sn",
              "alpha_sum", "alpha_hi_sum", "mass_out_sum")
@@ -169,7 +181,7 @@ def _metrics(h: dict, num_samples: int) -> dict:
 
 @torch.no_grad()
 def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_length: int, decay: float = 0.8,
-                   max_tokens: int = EVAL_BATCH_TOKENS, max_length: Optional[int] = None, progress: bool = False,
+                   max_tokens: Optional[int] = None, max_length: Optional[int] = None, progress: bool = False,
                    compute_dtype: Optional[torch.dtype] = None, ranks: Optional[Ranks] = None,
                    threads: int = 2) -> dict:
     """Per-position metrics of `model` on the samples `indices` of `reader`, on the model's device (under
@@ -177,8 +189,10 @@ def evaluate_model(model: Eagle3Draft, reader: CacheReader, indices, *, ttt_leng
 
     With `ranks` (several processes) every rank evaluates its share of the samples and the sums are
     all-reduced: every rank must call this, and every rank returns the same metrics. `threads`: chunk
-    decode threads (train.loader_threads)."""
+    decode threads (train.loader_threads); `max_tokens`: padded tokens per batch (default
+    `eval_batch_tokens` of the model's device)."""
     device = next(model.parameters()).device
+    max_tokens = max_tokens or eval_batch_tokens(device)
     ranks = ranks or Ranks(0, 1, device)
     vocab = vocab_from_maps(model.d2t.cpu().numpy(), model.t2d.cpu().numpy())
     lengths = cropped_lengths(reader, max_length)
@@ -261,7 +275,7 @@ def offline_metrics(head_dir_or_model: Any, cache_dir: str | Path, *, split: str
     # reproduce the training's held-out table
     amp = torch.bfloat16 if tr.get("compute_dtype") == "bfloat16" else None
     return evaluate_model(model, reader, idx, ttt_length=ttt, decay=decay, max_length=max_len, progress=progress,
-                          compute_dtype=amp, max_tokens=EVAL_BATCH_TOKENS)
+                          compute_dtype=amp)
 
 
 def metrics_table(m: dict, title: str = "held-out") -> str:

@@ -45,7 +45,7 @@ from schemas.head import make_head_config
 from stage2_train.collectives import Ranks, init_distributed
 from stage2_train.data import (cropped_lengths, heldout_subset, make_train_loader, rank_schedule, split_indices,
                                steps_per_epoch, to_device)
-from stage2_train.evaluate import EVAL_BATCH_TOKENS, cache_id, check_head_vs_cache, evaluate_model, metrics_table
+from stage2_train.evaluate import cache_id, check_head_vs_cache, evaluate_model, metrics_table
 from stage2_train.export import write_head
 from stage2_train.losses import Sums, loss_token_counts, ttt_forward
 from stage2_train.model import Eagle3Draft
@@ -647,7 +647,7 @@ def evaluate(run: Run, step: int) -> None:
     if not len(plan.val_idx):
         return
     m = evaluate_model(run.engine.module, plan.val_reader, plan.val_idx, ttt_length=run.tc.ttt_length,
-                       decay=run.tc.loss_decay, max_tokens=EVAL_BATCH_TOKENS, max_length=plan.max_length,
+                       decay=run.tc.loss_decay, max_length=plan.max_length,
                        compute_dtype=run.amp, ranks=run.ranks, threads=run.tc.loader_threads)
     better = m["simulated_tau"] > run.best["tau"]
     if better:

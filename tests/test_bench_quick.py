@@ -21,7 +21,7 @@ QUICK = [
     ("bench_loader.py --quick", ()),
     ("bench_extract.py --quick --codecs", ()),
     ("bench_extract.py --quick --writer", ()),
-    ("bench_train.py --quick --parts train,loader,speed,online", ()),
+    ("bench_train.py --quick --parts train,loader,speed,online,eval", ()),
     ("bench_fp8_parity.py --quick", ()),
     ("bench_verify.py --quick", ()),
     ("ttt_memory.py --quick", ()),

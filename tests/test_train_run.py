@@ -193,6 +193,35 @@ def test_learns_well_above_most_frequent_token(trained, cache):
     assert m["num_samples"] == len(val)
 
 
+def test_cpu_evaluation_batches_stay_cache_sized(trained, cache, monkeypatch):
+    """On a CPU the held-out batches hold at most CPU_EVAL_BATCH_TOKENS padded tokens (the demo's check
+    took 7.8 s in 16,384-token batches, 3.8 s in 2,048: bench/bench_train.py --parts eval) and give
+    the numbers of the big batches."""
+    import stage2_train.evaluate as ev
+
+    head, _, _ = trained
+    reader = CacheReader(cache)
+    model = load_model(head, reader)
+    idx = np.arange(len(reader))
+    padded: list[int] = []
+    real = ev.ttt_forward
+
+    def spy(m, batch, *a, **k):
+        padded.append(batch["input_ids"].numel())
+        return real(m, batch, *a, **k)
+
+    monkeypatch.setattr(ev, "ttt_forward", spy)
+    small = ev.evaluate_model(model, reader, idx, ttt_length=3)
+    small_batches, padded[:] = list(padded), []
+    big = ev.evaluate_model(model, reader, idx, ttt_length=3, max_tokens=ev.EVAL_BATCH_TOKENS)
+    assert len(padded) == 1 and len(small_batches) > 1, (small_batches, padded)  # 7,680 padded tokens in all
+    assert max(small_batches) <= ev.CPU_EVAL_BATCH_TOKENS
+    assert small["counted_tokens"] == big["counted_tokens"] and small["num_tokens"] == big["num_tokens"]
+    np.testing.assert_allclose(small["acc"], big["acc"], atol=1e-12)
+    np.testing.assert_allclose(small["loss"], big["loss"], rtol=1e-5)
+    np.testing.assert_allclose(small["alpha"], big["alpha"], rtol=1e-5)
+
+
 def test_export_round_trip(trained, cache, tmp_path):
     head, _, _ = trained
     config, tensors = load_head(head)
