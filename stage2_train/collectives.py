@@ -100,6 +100,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op with ninja when the group
+    is made: 26 s on 2 cores, again for every new venv (the build is keyed by its include paths).
+    Only inference tensor parallelism calls it (inference_all_reduce); training's collectives go
+    through torch.distributed. Marking the op incompatible skips the build."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed() -> Ranks:
     """Join the launcher's process group (torchrun, the deepspeed launcher), or make a group of one."""
     import deepspeed
@@ -118,5 +131,6 @@ def init_distributed() -> Ranks:
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+        _skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return Ranks(dist.get_rank(), dist.get_world_size(), device)

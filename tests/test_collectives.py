@@ -254,3 +254,22 @@ def test_init_distributed_binds_the_rank_gpu_before_joining(monkeypatch):
     ranks = collectives.init_distributed()
     assert calls == [("set_device", 3), ("init", "nccl")]
     assert (ranks.rank, ranks.world, ranks.device) == (3, 8, torch.device("cuda", 3))
+
+
+def test_a_cpu_group_does_not_build_the_inference_shm_op():
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory op (26 s per new venv) that only
+    inference_all_reduce uses: the group is made without it, and training's all-reduce still works."""
+    import subprocess
+    import sys
+
+    import os
+
+    code = ("import importlib, torch, deepspeed.comm as dc; from stage2_train.collectives import init_distributed; "
+            "init_distributed(); t = torch.ones(3); dc.all_reduce(t); "
+            "print('shm', importlib.import_module('deepspeed.comm.comm').cdb.shm_comm_op, t.tolist())")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "shm None [1.0, 1.0, 1.0]" in p.stdout, p.stdout
+    assert "built successfully" not in p.stdout + p.stderr
