@@ -88,7 +88,8 @@ def load_model(head_dir: str | Path, reader: CacheReader, device=None) -> Eagle3
 EVAL_WINDOW = 64
 EVAL_BATCH_SAMPLES = 256
 # Padded tokens per evaluation batch (forward only: no activations kept). A GPU wants big batches;
-# on a CPU a batch's [tokens, draft vocab] logits must stay near the caches: the demo's held-out check
+# on a CPU a batch's [tokens, hidden] and [tokens, intermediate] activations must stay near the caches
+# (the logits are chunked anyway: losses.LOSS_CHUNK_TOKENS): the demo's held-out check
 # (30 samples, 9.7k tokens, bf16, 2 cores) took 3.8 s at 2,048 tokens against 7.8 s at 16,384
 # (bench/bench_train.py --parts eval).
 EVAL_BATCH_TOKENS = 16384

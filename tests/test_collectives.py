@@ -259,10 +259,9 @@ def test_init_distributed_binds_the_rank_gpu_before_joining(monkeypatch):
 def test_a_cpu_group_does_not_build_the_inference_shm_op():
     """DeepSpeed's CPU backend would JIT-compile its shared-memory op (26 s per new venv) that only
     inference_all_reduce uses: the group is made without it, and training's all-reduce still works."""
+    import os
     import subprocess
     import sys
-
-    import os
 
     code = ("import importlib, torch, deepspeed.comm as dc; from stage2_train.collectives import init_distributed; "
             "init_distributed(); t = torch.ones(3); dc.all_reduce(t); "
