@@ -10,12 +10,15 @@ the cache's cache.json), the cache's size, the stage timings (pipeline markers),
 Figures: held-out acc_k and simulated τ against training tokens (the head's eval.jsonl against
 the cumulative tokens of metrics.jsonl), the stage-3 table per prompt set, target dtype and
 method, real τ per MT-bench category (Σ new tokens / Σ target passes over the category's
-prompts, per method), and the issue's goals with the margin by which each is met or missed.
+prompts, per method), the issue's goals with the margin by which each is met or missed, and what
+the held-out curve says more training would give (`projection`; `python bench/quality_report.py
+bench/results/<stem>.json` adds it to a report published before it existed).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -30,6 +33,7 @@ GOALS = [("MT-bench chain τ", "MT-bench", "chain", "tau", 2.0),
          ("MT-bench tree τ", "MT-bench", "tree", "tau", 2.5),
          ("GSM8K chain τ", "GSM8K", "chain", "tau", 2.2)]
 HELDOUT_ACC0_GOAL = 0.55
+PROJECT_HOURS = 1.0  # "what the curve says another hour would give" (issue 21)
 
 
 def sha256(path: Path) -> Optional[str]:
@@ -131,6 +135,105 @@ def goals(rows: list[dict], heldout: Optional[dict]) -> list[dict]:
     return out
 
 
+def log_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b ln(x)."""
+    import numpy as np
+
+    b, a = np.polyfit(np.log(np.asarray(xs, dtype=float)), np.asarray(ys, dtype=float), 1)
+    return float(a), float(b)
+
+
+def _tokens_for(y: float, a: float, b: float) -> Optional[float]:
+    """Where the fit reaches y (None when it never rises)."""
+    return math.exp((y - a) / b) if b > 0 else None
+
+
+def training_rate(stages: list[dict], head: str, tokens: int) -> Optional[float]:
+    """Training tokens per second of the head's own training stage (the last marker whose output is
+    a folder of the head's name: a GPU run's markers name the other machine's paths)."""
+    runs = [s for s in stages if s["stage"] == "train" and s.get("output")
+            and Path(s["output"]).name == Path(head).name and s.get("seconds")]
+    return tokens / runs[-1]["seconds"] if runs and tokens else None
+
+
+def projection(rep: dict, hours: float = PROJECT_HOURS) -> Optional[dict]:
+    """What the held-out curve says more training would give (the issue asks it of every missed goal).
+
+    Fits y = a + b ln(tokens) to the later half of the held-out curve (at least 3 points; the early
+    steps rise faster than any log), for acc_0 and the simulated τ, and reads it `hours` of training
+    further on at the training stage's own rate, and where it reaches each goal. A real τ is carried
+    along by scaling its excess over 1 with the simulated τ's (acceptance per cycle grows together).
+    The curve only knows the tokens it saw: more epochs over one cache flatten sooner than the fit,
+    new data may not."""
+    pts = [p for p in rep["curve"] if p.get("tokens")]
+    pts = pts[len(pts) // 2:] if len(pts) >= 6 else pts
+    ho = rep["head"].get("heldout") or {}
+    if len(pts) < 3 or not ho.get("acc"):
+        return None
+    t0 = pts[-1]["tokens"]
+    rate = training_rate(rep["stages"], rep["head"]["path"], t0)
+    x = [p["tokens"] for p in pts]
+    fits = {"acc_0": log_fit(x, [p["acc"][0] for p in pts]), "simulated_tau": log_fit(x, [p["simulated_tau"] for p in pts])}
+    t1 = t0 + rate * hours * 3600 if rate else None
+
+    def hours_to(t: Optional[float]) -> Optional[float]:
+        return None if t is None or not rate else max(t - t0, 0.0) / rate / 3600
+
+    def at(key: str, t: Optional[float]) -> Optional[float]:
+        a, b = fits[key]
+        return None if t is None else a + b * math.log(t)
+
+    sim0 = ho["simulated_tau"]
+    sim1 = at("simulated_tau", t1)
+
+    def goal_row(quantity: str, now: float, then: Optional[float], goal: float, key: str, y: float) -> dict:
+        t = _tokens_for(y, *fits[key])  # None: the trend never rises
+        return {"quantity": quantity, "now": now, "then": then, "goal": goal, "hours_to_goal": hours_to(t),
+                "never": t is None}
+
+    rows = [goal_row("held-out acc_0", ho["acc"][0], at("acc_0", t1), HELDOUT_ACC0_GOAL, "acc_0", HELDOUT_ACC0_GOAL),
+            {"quantity": "held-out simulated τ", "now": sim0, "then": sim1, "goal": None, "hours_to_goal": None}]
+    for g in rep["goals"]:
+        real = g["value"]
+        if not g["goal"].endswith("τ") or real is None or real <= 1 or sim0 <= 1:
+            continue
+        need = 1 + (g["threshold"] - 1) * (sim0 - 1) / (real - 1)  # the simulated τ that scales to the goal
+        rows.append(goal_row(g["goal"], real, None if sim1 is None else 1 + (real - 1) * (sim1 - 1) / (sim0 - 1),
+                             g["threshold"], "simulated_tau", need))
+    return {"hours": hours, "points": len(pts), "from_tokens": x[0], "tokens": t0, "rate_tok_s": rate,
+            "tokens_then": t1, "fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "rows": rows}
+
+
+def _hours(row: dict) -> str:
+    h = row["hours_to_goal"]
+    if row.get("never"):
+        return "never (flat)"
+    if h is None:
+        return "–"
+    return f"{h:,.1f}" if h < 100 else f"{h:,.0f}"
+
+
+def projection_markdown(pj: Optional[dict]) -> list[str]:
+    if not pj:
+        return []
+    h = f"{pj['hours']:g} h"
+    if pj["rate_tok_s"]:
+        then = (f"read {h} further at the training stage's own {pj['rate_tok_s']:,.0f} tok/s: "
+                f"{pj['tokens_then']:,.0f} tokens, {pj['tokens_then'] / pj['tokens']:.1f}x those seen so far")
+    else:
+        then = "no training-stage timing, so no reading further on"
+    lines = ["", f"## What the curve says {h} more training would give", "",
+             f"y = a + b ln(tokens) fitted to the last {pj['points']} held-out points ({pj['from_tokens']:,} to "
+             f"{pj['tokens']:,} training tokens), {then}. A real τ moves with the simulated τ's excess over 1. "
+             "A log trend read far past its points is a guess: the schedule's decaying learning rate flattens "
+             "the last points, more epochs over one cache flatten sooner, new data may not.", "",
+             f"| quantity | now | after {h} more | goal | hours to the goal on this trend |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['quantity']} | {_f(r['now'])} | {_f(r['then'])} | {_f(r['goal'], '{:g}')} | "
+              f"{_hours(r)} |" for r in pj["rows"]]
+    return lines
+
+
 def data_files(run: Path, sources: list[Path]) -> list[dict]:
     files = [run / n for n in ("prompts.jsonl", "regenerated.jsonl", "eval_mtbench.jsonl", "eval_gsm8k.jsonl")]
     files += [run / "cache" / "cache.json"] + list(sources)
@@ -167,7 +270,7 @@ def build_report(run: Path, head: Path, *, command: list[str], config: Path, siz
     hc = json.loads((head / "config.json").read_text())
     heldout = (hc.get("training") or {}).get("heldout")
     rows = eval_rows(evals)
-    return {
+    rep = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command,
         "git": git_state(root or Path(__file__).resolve().parents[1]), "machine": machine(),
         "config": {"path": str(config), "sha256": sha256(config), "text": config.read_text()},
@@ -178,6 +281,8 @@ def build_report(run: Path, head: Path, *, command: list[str], config: Path, siz
         "curve": training_curve(head), "eval": rows, "goals": goals(rows, heldout),
         "sweep": {k: v for k, v in (sweep or {}).items() if k != "markdown"},
     }
+    rep["projection"] = projection(rep)
+    return rep
 
 
 def _f(x, fmt="{:.3f}") -> str:
@@ -203,6 +308,7 @@ def markdown(rep: dict, png_name: str) -> str:
               "", f"![curves]({png_name})", "", "| step | training tokens | acc_0 | simulated τ |", "|---:|---:|---:|---:|"]
     lines += [f"| {p['step']} | {_f(p['tokens'], '{:,}')} | {p['acc'][0]:.3f} | {p['simulated_tau']:.3f} |"
               for p in rep["curve"]]
+    lines += projection_markdown(rep.get("projection"))
     cats = sorted({k for r in rep["eval"] for k in r["by_category"]})
     lines += ["", "## Speculative decoding (stage 3)", "",
               "| prompts | target dtype | method | τ | speed-up | lossless | " + " | ".join(cats) + " |",
@@ -268,3 +374,22 @@ def write_report(rep: dict, out_dir: Path, stem: str) -> dict:
     plot(rep, tmp)
     os.replace(tmp, paths["png"])
     return paths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Add the projection to published reports (json + md + png rewritten from the json)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("reports", nargs="+", type=Path, help="bench/results/<stem>.json")
+    ap.add_argument("--hours", type=float, default=PROJECT_HOURS)
+    args = ap.parse_args(argv)
+    for path in args.reports:
+        rep = json.loads(path.read_text())
+        rep["projection"] = projection(rep, args.hours)
+        print("\n".join(write_report(rep, path.parent, path.stem)[k].name for k in ("json", "md")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

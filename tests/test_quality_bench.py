@@ -162,3 +162,67 @@ def test_report_json_md_png_carry_curves_categories_goals_and_hashes(fake_run, t
     assert "![curves](quality-test.png)" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "results").glob("*.tmp*"))
+
+
+def _curve_report(tokens, acc0, tau, *, seconds=3200.0, head="/elsewhere/head"):
+    heldout = {"acc": [acc0[-1], 0.3], "simulated_tau": tau[-1]}
+    return {"curve": [{"step": i + 1, "tokens": t, "acc": [a, 0.3], "simulated_tau": s}
+                      for i, (t, a, s) in enumerate(zip(tokens, acc0, tau))],
+            "head": {"path": "/work/run/head", "heldout": heldout},
+            "stages": [{"stage": "train", "seconds": 5.0, "output": "/x/probe"},
+                       {"stage": "train", "seconds": seconds, "output": head}],
+            "goals": [{"goal": "MT-bench chain τ", "threshold": 2.0, "value": 1.5},
+                      {"goal": "MT-bench chain speed-up", "threshold": 1.3, "value": 1.1}]}
+
+
+def test_projection_reads_a_log_trend_an_hour_on_and_to_each_goal():
+    import math
+
+    tokens = [1e5, 2e5, 4e5, 8e5, 1.6e6, 3.2e6]
+    acc0 = [0.1 + 0.02 * math.log(t) for t in tokens]
+    tau = [1.2 + 0.03 * math.log(t) for t in tokens]
+    pj = qr.projection(_curve_report(tokens, acc0, tau))
+    assert pj["points"] == 3 and pj["from_tokens"] == 8e5           # the later half of six points
+    assert pj["fits"]["acc_0"]["a"] == pytest.approx(0.1) and pj["fits"]["acc_0"]["b"] == pytest.approx(0.02)
+    assert pj["rate_tok_s"] == pytest.approx(3.2e6 / 3200)          # the head's stage, matched by folder name
+    t1 = 3.2e6 + 1000 * 3600
+    rows = {r["quantity"]: r for r in pj["rows"]}
+    assert rows["held-out acc_0"]["then"] == pytest.approx(0.1 + 0.02 * math.log(t1))
+    assert rows["held-out acc_0"]["hours_to_goal"] == pytest.approx((math.exp(0.45 / 0.02) - 3.2e6) / 1000 / 3600)
+    # the real τ's excess over 1 scales with the simulated τ's: 0.5 of it here
+    sim0, sim1 = tau[-1], 1.2 + 0.03 * math.log(t1)
+    chain = rows["MT-bench chain τ"]
+    assert chain["then"] == pytest.approx(1 + 0.5 * (sim1 - 1) / (sim0 - 1))
+    need = 1 + 1.0 * (sim0 - 1) / 0.5                                 # the simulated τ that scales to 2.0
+    assert chain["hours_to_goal"] == pytest.approx((math.exp((need - 1.2) / 0.03) - 3.2e6) / 1000 / 3600)
+    assert "MT-bench chain speed-up" not in rows                     # only τ goals follow the curve
+    md = "\n".join(qr.projection_markdown(pj))
+    assert "## What the curve says 1 h more training would give" in md
+    assert f"| held-out acc_0 | {acc0[-1]:.3f} | {0.1 + 0.02 * math.log(t1):.3f} | 0.55 |" in md
+
+
+def test_projection_of_a_flat_curve_never_reaches_the_goal_and_short_curves_give_none():
+    flat = qr.projection(_curve_report([1e5, 2e5, 4e5], [0.4, 0.4, 0.39], [1.6, 1.6, 1.59]))
+    rows = {r["quantity"]: r for r in flat["rows"]}
+    assert rows["held-out acc_0"]["never"] and rows["held-out acc_0"]["hours_to_goal"] is None
+    assert "| held-out acc_0 | 0.390 | " in "\n".join(qr.projection_markdown(flat))
+    assert "never (flat)" in "\n".join(qr.projection_markdown(flat))
+    untimed = qr.projection(_curve_report([1e5, 2e5, 4e5], [0.3, 0.35, 0.4], [1.4, 1.5, 1.6], head="/x/other"))
+    assert untimed["rate_tok_s"] is None and untimed["tokens_then"] is None
+    assert all(r["then"] is None for r in untimed["rows"])
+    assert qr.projection(_curve_report([1e5, 2e5], [0.3, 0.4], [1.4, 1.5])) is None
+
+
+def test_published_report_gains_its_projection_from_the_command_line(fake_run, tmp_path):
+    run, head, cfg, evals = fake_run
+    (head / "eval.jsonl").write_text("".join(json.dumps({"step": s, "acc": [0.1 * s, 0.05 * s],
+                                                         "simulated_tau": 1 + 0.1 * s}) + "\n" for s in (1, 2, 3)))
+    rep = qr.build_report(run, head, command=["x"], config=cfg, sizes={}, evals=evals, root=ROOT)
+    assert rep["projection"]["rate_tok_s"] is None                  # no stage markers in this run
+    rep.pop("projection")
+    out = tmp_path / "results"
+    qr.write_report(rep, out, "old")
+    assert "What the curve says" not in (out / "old.md").read_text()
+    assert qr.main([str(out / "old.json")]) == 0
+    assert json.loads((out / "old.json").read_text())["projection"]["points"] == 3
+    assert "## What the curve says 1 h more training would give" in (out / "old.md").read_text()
