@@ -144,8 +144,11 @@ def log_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def _tokens_for(y: float, a: float, b: float) -> Optional[float]:
-    """Where the fit reaches y (None when it never rises)."""
-    return math.exp((y - a) / b) if b > 0 else None
+    """Where the fit reaches y (None when it never rises, or only past any float: a near-flat slope)."""
+    try:
+        return math.exp((y - a) / b) if b > 0 else None
+    except OverflowError:
+        return None
 
 
 def training_rate(stages: list[dict], head: str, tokens: int) -> Optional[float]:
@@ -187,7 +190,7 @@ def projection(rep: dict, hours: float = PROJECT_HOURS) -> Optional[dict]:
     sim1 = at("simulated_tau", t1)
 
     def goal_row(quantity: str, now: float, then: Optional[float], goal: float, key: str, y: float) -> dict:
-        t = _tokens_for(y, *fits[key])  # None: the trend never rises
+        t = _tokens_for(y, *fits[key])  # None: the trend never gets there
         return {"quantity": quantity, "now": now, "then": then, "goal": goal, "hours_to_goal": hours_to(t),
                 "never": t is None}
 

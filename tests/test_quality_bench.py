@@ -207,6 +207,8 @@ def test_projection_of_a_flat_curve_never_reaches_the_goal_and_short_curves_give
     assert rows["held-out acc_0"]["never"] and rows["held-out acc_0"]["hours_to_goal"] is None
     assert "| held-out acc_0 | 0.390 | " in "\n".join(qr.projection_markdown(flat))
     assert "never (flat)" in "\n".join(qr.projection_markdown(flat))
+    creeping = qr.projection(_curve_report([1e5, 2e5, 4e5], [0.4, 0.4 + 1e-6, 0.4 + 2e-6], [1.6, 1.6, 1.6]))
+    assert {r["quantity"]: r for r in creeping["rows"]}["held-out acc_0"]["never"]   # exp(1e5): past any float
     untimed = qr.projection(_curve_report([1e5, 2e5, 4e5], [0.3, 0.35, 0.4], [1.4, 1.5, 1.6], head="/x/other"))
     assert untimed["rate_tok_s"] is None and untimed["tokens_then"] is None
     assert all(r["then"] is None for r in untimed["rows"])
