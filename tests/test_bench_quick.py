@@ -36,9 +36,10 @@ QUICK = [
 ]
 # Not here, each with its own test: gpu_check.py (below), plan_vs_measured.py (tests/test_plan.py),
 # objectives_oracle.py (tests/test_objectives_oracle.py: needs `make peers`), extract_memory.py
-# and chunk_rows.py (issue 19; tests/test_bench_issue19.py), bench_train_step.py (tests/test_bench_train_step.py).
+# and chunk_rows.py (issue 19; tests/test_bench_issue19.py), bench_train_step.py (tests/test_bench_train_step.py),
+# offline_vs_real.py (tests/test_offline_vs_real.py).
 OWN_TESTS = {"quality_gpu.py", "gpu_check.py", "plan_vs_measured.py", "objectives_oracle.py", "extract_memory.py", "chunk_rows.py",
-             "bench_train_step.py"}
+             "bench_train_step.py", "offline_vs_real.py"}
 HELPERS = {"quick.py", "gpu_check_rank.py", "offline_bundle.py", "objectives_peer.py", "specforge_step_worker.py",
            "quality_report.py"}
 
