@@ -711,6 +711,7 @@ def finish(run: Run, step: int) -> None:
         run.engine.destroy()
     if run.lock is not None:
         run.lock.release()
+    run.ranks.close()
 
 
 def check_head_on_cache(head_config: dict, cache_dir: str | Path) -> None:

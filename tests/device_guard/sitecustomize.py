@@ -85,7 +85,9 @@ if os.environ.get("EAGLE3_DEVICE_GUARD") == "1":
         def guarded_run_train(*a, **k):
             print("[device guard] stage 2 runs with default device meta", flush=True)
             with torch.device("meta"):
-                return run_train(*a, **k)
+                head = run_train(*a, **k)
+            print(f"[device guard] process group left: {not dist.is_initialized()}", flush=True)
+            return head
         module.run_train = guarded_run_train
 
     class _AfterImport(importlib.abc.MetaPathFinder):
