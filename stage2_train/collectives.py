@@ -40,8 +40,9 @@ class Ranks:
 
     OPS = ("sum", "max", "min")
 
-    def __init__(self, rank: int, world: int, device: torch.device):
+    def __init__(self, rank: int, world: int, device: torch.device, *, owns_group: bool = False):
         self.rank, self.world, self.device = int(rank), int(world), torch.device(device)
+        self.owns_group = owns_group  # init_distributed made the group (a caller's group is the caller's to end)
 
     def __repr__(self) -> str:
         return f"Ranks(rank={self.rank}, world={self.world}, device={self.device})"
@@ -97,10 +98,11 @@ class Ranks:
         """Leave the process group after the run's last collective. A group left to the interpreter's
         exit is torn down with its threads still running: a 2-node CPU run's second rank aborted
         there ("terminate called without an active exception", SIGABRT after a finished run), and
-        NCCL warns of leaked resources. A group of one stays (a sweep trains many heads in one process)."""
+        NCCL warns of leaked resources. A group of one stays (a sweep trains many heads in one process),
+        and so does a group the caller made (bench/gpu_check_rank.py goes on using its own)."""
         import torch.distributed as dist
 
-        if self.world > 1 and dist.is_initialized():
+        if self.owns_group and self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -136,11 +138,12 @@ def init_distributed() -> Ranks:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         if "WORLD_SIZE" not in os.environ:  # no launcher: a group of one (else DeepSpeed tries MPI)
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                                "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
         _skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, owns_group=made)
