@@ -53,27 +53,31 @@ def quick_config(work: Path) -> Path:
     return p
 
 
-def set_prompts(name: str, cfg) -> list:
-    """The set's prompts (stage3_eval.prompts.EvalPrompt), first turns only."""
-    from stage3_eval.prompts import load_prompts
-
+def set_prompts(name: str, cfg) -> list[tuple[str, str]]:
+    """The set's (id, first turn) pairs. MT-bench comes from bench/quality.py, round-robin over its 8
+    categories (the file lists them category by category, so --prompts N keeps every category)."""
     if name == "eval":
-        return load_prompts(list(cfg.eval.prompts), max_prompts=cfg.eval.max_prompts, max_turns=1)
-    from quality import DATA, GSM8K_EVAL
+        from stage3_eval.prompts import load_prompts
+
+        return [(p.id, p.turns[0]) for p in load_prompts(list(cfg.eval.prompts), max_prompts=cfg.eval.max_prompts)]
+    from quality import DATA, GSM8K_EVAL, MT_EVAL, mt_bench_first_turns
+
     src = DATA / ("mt_bench/question.jsonl" if name == "mtbench" else "gsm8k/train.jsonl")
     if not src.is_file():
         raise SystemExit(f"offline_vs_real: set {name} needs {src} (the project's shared data)")
-    prompts = load_prompts([str(src)], max_turns=1)
-    return prompts if name == "mtbench" else prompts[-GSM8K_EVAL:]
+    if name == "mtbench":
+        return [(r["id"], r["prompt"]) for r in mt_bench_first_turns(MT_EVAL)]
+    rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()][-GSM8K_EVAL:]
+    return [(f"gsm8k-eval-{i}", r["question"]) for i, r in enumerate(rows)]
 
 
-def write_set(dest: Path, prompts: list) -> tuple[Path, Path]:
+def write_set(dest: Path, prompts: list[tuple[str, str]]) -> tuple[Path, Path]:
     """(conversations file for regeneration, prompt file for stage 3): the same first turns, in order."""
     dest.mkdir(parents=True, exist_ok=True)
     conv, ask = dest / "conversations.jsonl", dest / "prompts.jsonl"
-    conv.write_text("".join(json.dumps({"id": p.id, "conversations": [{"from": "human", "value": p.turns[0]}]}) + "\n"
-                            for p in prompts))
-    ask.write_text("".join(json.dumps({"id": p.id, "prompt": p.turns[0]}) + "\n" for p in prompts))
+    conv.write_text("".join(json.dumps({"id": i, "conversations": [{"from": "human", "value": t}]}) + "\n"
+                            for i, t in prompts))
+    ask.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in prompts))
     return conv, ask
 
 

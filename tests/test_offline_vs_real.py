@@ -15,7 +15,7 @@ def test_quick_mode_reads_each_set_on_its_own_answers(tmp_path):
     row, = json.loads((out / "offline_vs_real.json").read_text())["rows"]
     report = json.loads((out / "eval" / "eval" / "report.json").read_text())
     head, = report["heads"]
-    chain, = head["methods"] if isinstance(head["methods"], list) else [head["methods"]]
+    chain, = head["methods"]
     # the offline table is on the 3 answers the target just wrote, not on the training cache's held-out split
     assert head["offline"]["cache"] == str(out / "eval" / "cache") and head["offline"]["split"] == "all"
     assert head["offline"]["num_samples"] == 3
